@@ -1,0 +1,70 @@
+"""Tile sizes and launch parameters for the attention kernels.
+
+One table keyed on head dim and device, chosen for Hopper (H100/H200) in bf16; the interpreter
+gets small tiles so CPU tests stay quick. Tests pin a config with :func:`use_config` so that
+multi-tile paths (masked edges, unmasked middles, partial last tiles) run at small N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    fwd: KernelConfig
+    dq: KernelConfig
+    dkdv: KernelConfig
+
+
+_INTERPRETER = AttentionConfig(KernelConfig(32, 32), KernelConfig(32, 32), KernelConfig(32, 32))
+
+# Padded head dim (64 or 128) -> configs. The backward kernels keep the dimension they loop over
+# short (keys for dQ, queries for dK/dV) and the resident one long, as the Triton tutorial does.
+_GPU = {
+    64: AttentionConfig(
+        fwd=KernelConfig(128, 64, num_warps=4, num_stages=3),
+        dq=KernelConfig(128, 32, num_warps=4, num_stages=3),
+        dkdv=KernelConfig(32, 128, num_warps=4, num_stages=3),
+    ),
+    128: AttentionConfig(
+        fwd=KernelConfig(128, 64, num_warps=8, num_stages=3),
+        dq=KernelConfig(128, 32, num_warps=8, num_stages=2),
+        dkdv=KernelConfig(32, 128, num_warps=8, num_stages=2),
+    ),
+}
+
+_override: AttentionConfig | None = None
+
+
+def block_d_for(head_dim: int) -> int:
+    """Head dim padded to the power of two the kernels tile with (at least 16 for tl.dot)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def pick_config(block_d: int, on_gpu: bool) -> AttentionConfig:
+    if _override is not None:
+        return _override
+    if not on_gpu:
+        return _INTERPRETER
+    return _GPU[64 if block_d <= 64 else 128]
+
+
+@contextlib.contextmanager
+def use_config(config: AttentionConfig):
+    """Pin every attention launch inside the block to ``config`` (for tests and tuning)."""
+    global _override
+    previous, _override = _override, config
+    try:
+        yield
+    finally:
+        _override = previous

@@ -1,0 +1,72 @@
+"""The attention op as ``torch.library`` custom ops, with fake kernels and an autograd formula.
+
+``cocoa::attention_fwd`` returns ``(out, lse)``; ``cocoa::attention_bwd`` returns
+``(dq, dk, dv)`` from the saved tensors. ``lse`` is the forward's per-row log-sum-exp in the units
+the same implementation's backward expects (log2 for Triton, natural log for PyTorch); it never
+leaves this module. Both dispatch on ``impl`` ("triton" or "torch") to the
+launchers or to the PyTorch implementation, so ``torch.compile`` traces a model through the
+attention without graph breaks whichever implementation runs underneath.
+"""
+
+import torch
+
+from . import reference
+from .config import block_d_for, pick_config
+
+
+@torch.library.custom_op("cocoa::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float, impl: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if impl == "triton":
+        from .triton_fwd import attention_fwd as launch
+
+        cfg = pick_config(block_d_for(q.shape[-1]), on_gpu=q.is_cuda)
+        return launch(q, k, v, lo, hi, scale, cfg.fwd)
+    return reference.attention_forward(q, k, v, lo, hi, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, lo, hi, scale, impl):
+    B, Hq, N, D = q.shape
+    out = q.new_empty(B, N, Hq, D).transpose(1, 2)
+    return out, q.new_empty(B, Hq, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("cocoa::attention_bwd", mutates_args=())
+def attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    lo: torch.Tensor, hi: torch.Tensor, scale: float, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if impl == "triton":
+        from .triton_bwd import attention_bwd as launch
+
+        cfg = pick_config(block_d_for(q.shape[-1]), on_gpu=q.is_cuda)
+        return launch(do, q, k, v, out, lse, lo, hi, scale, cfg.dq, cfg.dkdv)
+    dq, dk, dv = reference.attention_backward(do, q, k, v, out, lse, lo, hi, scale)
+    # Same layouts as the Triton path (and the fake kernel): gradients strided like inputs.
+    return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, out, lse, lo, hi, scale, impl):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lo, hi, scale, impl = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, lo, hi)
+    ctx.scale, ctx.impl = scale, impl
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, lo, hi = ctx.saved_tensors
+    if d_out is None:
+        return None, None, None, None, None, None, None
+    dq, dk, dv = attention_bwd(d_out, q, k, v, out, lse, lo, hi, ctx.scale, ctx.impl)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,240 @@
+"""Backward kernels of interval-masked flash attention (dQ; dK and dV), and their launcher.
+
+Two kernels, no atomics, so gradients are bitwise deterministic run to run:
+
+1. ``_attn_bwd_dq_kernel``: one program per query tile and query head. It first writes
+   ``delta = rowsum(dO * O)`` for its rows (the dK/dV kernel reads it), then walks the same key
+   tiles as the forward (masked edges, unmasked middle) and accumulates dQ.
+2. ``_attn_bwd_dkdv_kernel``: one program per key tile and *K/V head*. It loops over the query
+   heads of its group and, for each, over the query tiles that see the key tile (bounds from
+   ``mask.key_tile_bounds``), accumulating dK and dV in registers: grouped-query attention never
+   materialises repeated K/V, and no two programs write the same dK/dV element.
+
+Probabilities are recomputed from the forward's log-sum-exp (log2 units); rows that saw nothing have
+``lse = +inf``, so their probabilities, and every gradient through them, are exactly zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..mask import key_tile_bounds, query_tile_bounds
+from .config import KernelConfig, block_d_for
+from .triton_common import LOG2E, dot_precision, load_bounds, load_tile
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, lo, hi,
+    start, end, N, D, scale_log2,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Pointers advance by one tile per step; the int64 product is taken once, outside the loop.
+    k_ptrs = k_base + start.to(tl.int64) * stride_kn
+    v_ptrs = v_base + start.to(tl.int64) * stride_vn
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_tile(k_ptrs, cols, offs_d, N, D, MASKED, EVEN_D)
+        v = load_tile(v_ptrs, cols, offs_d, N, D, MASKED, EVEN_D)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+        # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if MASKED:
+            visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        # [BLOCK_M, BLOCK_N] @ [BLOCK_N, BLOCK_D] -> [BLOCK_M, BLOCK_D]
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, O, DO, DQ, Lse, Delta, Lo, Hi, Bounds,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    N, H_Q, GROUP, D, scale, scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Q, O, DO, DQ: (B, H_Q, N, D); K, V: (B, H_Q // GROUP, N, D); any strides.
+    Lse (read, log2 units) and Delta (written): (B, H_Q, N) float32. Lo, Hi: (B, N) int32, causal folded.
+    Bounds: (B, cdiv(N, BLOCK_M), 4) int32 key loop bounds from ``mask.query_tile_bounds``."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_Q).to(tl.int64)
+    h = (pid_bh % H_Q).to(tl.int64)
+    h_kv = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N
+    lo = tl.load(Lo + b * N + offs_m, mask=row_ok, other=0)
+    hi = tl.load(Hi + b * N + offs_m, mask=row_ok, other=0)
+    start, full_start, full_end, end = load_bounds(Bounds, b, pid_m, tl.cdiv(N, BLOCK_M))
+
+    rows64 = offs_m[:, None].to(tl.int64)
+    q = load_tile(Q + b * stride_qb + h * stride_qh + rows64 * stride_qn + offs_d[None, :] * stride_qd,
+                  offs_m, offs_d, N, D, True, EVEN_D)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + rows64 * stride_don + offs_d[None, :] * stride_dod,
+                   offs_m, offs_d, N, D, True, EVEN_D)
+    o = load_tile(O + b * stride_ob + h * stride_oh + rows64 * stride_on + offs_d[None, :] * stride_od,
+                  offs_m, offs_d, N, D, True, EVEN_D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    row_base = (b * H_Q + h) * N
+    tl.store(Delta + row_base + offs_m, delta, mask=row_ok)
+    lse2 = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
+
+    k_base = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_base = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, lo, hi,
+                   start, full_start, N, D, scale_log2, BLOCK_N, True, EVEN_D, DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, lo, hi,
+                   full_start, full_end, N, D, scale_log2, BLOCK_N, False, EVEN_D, DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, lo, hi,
+                   full_end, end, N, D, scale_log2, BLOCK_N, True, EVEN_D, DOT_PRECISION)
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows64 * stride_dqn + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base, lo_base, hi_base,
+    cols, offs_m, offs_d, start, end, N, D, scale_log2,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    q_ptrs = q_base + start.to(tl.int64) * stride_qn
+    do_ptrs = do_base + start.to(tl.int64) * stride_don
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        q = load_tile(q_ptrs, rows, offs_d, N, D, MASKED, EVEN_D)
+        do = load_tile(do_ptrs, rows, offs_d, N, D, MASKED, EVEN_D)
+        q_ptrs += BLOCK_M * stride_qn
+        do_ptrs += BLOCK_M * stride_don
+        if MASKED:
+            row_ok = rows < N
+            lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        # [BLOCK_N, BLOCK_D] @ [BLOCK_D, BLOCK_M] -> [BLOCK_N, BLOCK_M]  (scores, transposed)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        if MASKED:
+            lo = tl.load(lo_base + rows, mask=row_ok, other=0)
+            hi = tl.load(hi_base + rows, mask=row_ok, other=0)
+            visible = (cols[:, None] >= lo[None, :]) & (cols[:, None] < hi[None, :])
+            s_t = tl.where(visible, s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        # [BLOCK_N, BLOCK_M] @ [BLOCK_M, BLOCK_D] -> [BLOCK_N, BLOCK_D]
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        # [BLOCK_N, BLOCK_D] @ [BLOCK_D, BLOCK_M] -> [BLOCK_N, BLOCK_M]
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        # [BLOCK_N, BLOCK_M] @ [BLOCK_M, BLOCK_D] -> [BLOCK_N, BLOCK_D]
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta, Lo, Hi, Bounds,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    N, H_Q, GROUP, D, NUM_KEY_TILES, scale, scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """K, V, DK, DV: (B, H_Q // GROUP, N, D); Q, DO: (B, H_Q, N, D); any strides.
+    Bounds: (B, NUM_KEY_TILES, 4) int32 query-row bounds [begin, full_begin, full_end, end)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h_kv_count = H_Q // GROUP
+    b = (pid_bh // h_kv_count).to(tl.int64)
+    h_kv = (pid_bh % h_kv_count).to(tl.int64)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols64 = cols[:, None].to(tl.int64)
+    k = load_tile(K + b * stride_kb + h_kv * stride_kh + cols64 * stride_kn + offs_d[None, :] * stride_kd,
+                  cols, offs_d, N, D, True, EVEN_D)
+    v = load_tile(V + b * stride_vb + h_kv * stride_vh + cols64 * stride_vn + offs_d[None, :] * stride_vd,
+                  cols, offs_d, N, D, True, EVEN_D)
+    q_begin, full_begin, full_end, q_end = load_bounds(Bounds, b, pid_n, NUM_KEY_TILES)
+    lo_base = Lo + b * N
+    hi_base = Hi + b * N
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = h_kv * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+        do_base = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+        lse_base = Lse + (b * H_Q + h) * N
+        delta_base = Delta + (b * H_Q + h) * N
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
+                             lo_base, hi_base, cols, offs_m, offs_d, q_begin, full_begin, N, D, scale_log2,
+                             BLOCK_M, True, EVEN_D, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
+                             lo_base, hi_base, cols, offs_m, offs_d, full_begin, full_end, N, D, scale_log2,
+                             BLOCK_M, False, EVEN_D, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
+                             lo_base, hi_base, cols, offs_m, offs_d, full_end, q_end, N, D, scale_log2,
+                             BLOCK_M, True, EVEN_D, DOT_PRECISION)
+
+    out_mask = (cols[:, None] < N) & (offs_d[None, :] < D)
+    dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + cols64 * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + cols64 * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+def attention_bwd(do, q, k, v, out, lse, lo, hi, scale: float, dq_cfg: KernelConfig, dkdv_cfg: KernelConfig):
+    """Launch the backward; returns (dq, dk, dv) shaped and strided like (q, k, v)."""
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
+    block_d = block_d_for(D)
+    common = dict(BLOCK_D=block_d, EVEN_D=(block_d == D), DOT_PRECISION=dot_precision(q.dtype))
+
+    bounds = query_tile_bounds(lo, hi, dq_cfg.block_m, dq_cfg.block_n)
+    grid = (triton.cdiv(N, dq_cfg.block_m), B * Hq)
+    _attn_bwd_dq_kernel[grid](
+        q, k, v, out, do, dq, lse, delta, lo, hi, bounds,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
+        N, Hq, Hq // Hkv, D, scale, scale * LOG2E,
+        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, **common,
+        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
+    )
+
+    bounds = key_tile_bounds(lo, hi, dkdv_cfg.block_m, dkdv_cfg.block_n)
+    num_key_tiles = bounds.shape[1]
+    grid = (num_key_tiles, B * Hkv)
+    _attn_bwd_dkdv_kernel[grid](
+        q, k, v, do, dk, dv, lse, delta, lo, hi, bounds,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        N, Hq, Hq // Hkv, D, num_key_tiles, scale, scale * LOG2E,
+        BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, **common,
+        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages,
+    )
+    return dq, dk, dv

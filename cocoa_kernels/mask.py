@@ -1,0 +1,322 @@
+"""The O(N) attention mask: one contiguous key interval per query.
+
+Query ``i`` of row ``b`` sees key ``j`` iff ``lo[b, i] <= j < hi[b, i]`` (and ``j <= i`` when
+``causal``). Every mask CoCoA needs has this form (see ``shared/DESIGN.md``, "The mask
+contract"): causal or bidirectional attention over packed segments, the EOS bridge, padding
+(an empty interval), sliding windows and prefix-LM masks.
+
+Builders validate once, here, so the attention hot path never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["KeyRanges", "key_tile_bounds", "query_tile_bounds"]
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_int_matrix(name: str, t, batch_shape=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, N), got {tuple(t.shape)}")
+    if batch_shape is not None and tuple(t.shape) != tuple(batch_shape):
+        raise ValueError(f"{name} must have shape {tuple(batch_shape)}, got {tuple(t.shape)}")
+    return t
+
+
+def _first_bad(mask: torch.Tensor) -> tuple[int, int]:
+    b, i = torch.nonzero(mask)[0].tolist()
+    return b, i
+
+
+def _runs(segment_ids: torch.Tensor):
+    """Start and end (exclusive) of the run of equal ids that contains each position."""
+    B, N = segment_ids.shape
+    pos = torch.arange(N, device=segment_ids.device).expand(B, N)
+    new_run = torch.ones_like(segment_ids, dtype=torch.bool)
+    new_run[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start = torch.where(new_run, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    run_ends = torch.ones_like(new_run)
+    run_ends[:, :-1] = new_run[:, 1:]
+    end_mark = torch.where(run_ends, pos + 1, torch.full_like(pos, N))
+    end = end_mark.flip(1).cummin(dim=1).values.flip(1)
+    return start, end, new_run
+
+
+class KeyRanges:
+    """Per-query key intervals ``[lo, hi)`` plus a ``causal`` flag.
+
+    Attributes:
+        lo, hi: int32 tensors of shape (B, N).
+        causal: when True, query ``i`` additionally sees only keys ``j <= i``.
+
+    Build it with :meth:`from_segments`, :meth:`eos_bridge`, :meth:`from_cu_seqlens`, or raw
+    as ``KeyRanges(lo, hi, causal=False)``. A query whose interval is empty sees nothing: its
+    attention output is zero and its gradients are zero.
+    """
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, causal: bool = False):
+        _check_int_matrix("lo", lo)
+        _check_int_matrix("hi", hi, batch_shape=lo.shape)
+        if lo.device != hi.device:
+            raise ValueError(f"lo and hi must be on the same device, got {lo.device} and {hi.device}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        B, N = lo.shape
+        if N >= 2**31 - 1:
+            raise ValueError(f"sequence length {N} does not fit the int32 interval bounds")
+        lo64, hi64 = lo.long(), hi.long()
+        for name, t in (("lo", lo64), ("hi", hi64)):
+            bad = (t < 0) | (t > N)
+            if bool(bad.any()):
+                b, i = _first_bad(bad)
+                raise ValueError(
+                    f"{name}[{b}, {i}] = {int(t[b, i])} is outside [0, N] with N = {N}; "
+                    "intervals must lie inside the row"
+                )
+        bad = lo64 > hi64
+        if bool(bad.any()):
+            b, i = _first_bad(bad)
+            raise ValueError(f"lo > hi at [{b}, {i}]: lo = {int(lo64[b, i])}, hi = {int(hi64[b, i])}")
+        self.lo = lo.to(torch.int32).contiguous()
+        self.hi = hi.to(torch.int32).contiguous()
+        self.causal = causal
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_segments(cls, segment_ids: torch.Tensor, causal: bool = False) -> "KeyRanges":
+        """Attention inside each segment; ``segment_ids`` (B, N) int, ``-1`` marks padding.
+
+        Each segment id must occupy one contiguous run of its row (packed samples).
+        """
+        seg = _check_int_matrix("segment_ids", segment_ids).long()
+        if bool((seg < -1).any()):
+            b, i = _first_bad(seg < -1)
+            raise ValueError(f"segment_ids[{b}, {i}] = {int(seg[b, i])}; ids must be >= 0, or -1 for padding")
+        start, end, new_run = _runs(seg)
+        _check_contiguous_segments(seg, new_run)
+        pad = seg < 0
+        zero = torch.zeros_like(start)
+        return cls(torch.where(pad, zero, start), torch.where(pad, zero, end), causal=causal)
+
+    @classmethod
+    def eos_bridge(cls, segment_ids: torch.Tensor, is_target: torch.Tensor) -> "KeyRanges":
+        """The EOS-bridge mask of CoCoA stage 2.
+
+        Each segment is block A (its leading tokens, the last of which is the bridge ``<EOS>``)
+        followed by block B (the tokens where ``is_target`` is True). A attends bidirectionally
+        inside A; B attends to itself and to the EOS of A, nothing else of A. Block B may be
+        empty; block A must hold at least one token.
+        """
+        seg = _check_int_matrix("segment_ids", segment_ids).long()
+        if not isinstance(is_target, torch.Tensor) or is_target.dtype != torch.bool:
+            raise TypeError("is_target must be a bool tensor")
+        if tuple(is_target.shape) != tuple(seg.shape):
+            raise ValueError(f"is_target must have shape {tuple(seg.shape)}, got {tuple(is_target.shape)}")
+        if is_target.device != seg.device:
+            raise ValueError("is_target must be on the same device as segment_ids")
+        if bool((seg < -1).any()):
+            b, i = _first_bad(seg < -1)
+            raise ValueError(f"segment_ids[{b}, {i}] = {int(seg[b, i])}; ids must be >= 0, or -1 for padding")
+        start, end, new_run = _runs(seg)
+        _check_contiguous_segments(seg, new_run)
+        pad = seg < 0
+        if bool((is_target & pad).any()):
+            b, i = _first_bad(is_target & pad)
+            raise ValueError(f"is_target[{b}, {i}] is True on a padding position (segment id -1)")
+        first_of_seg = new_run & ~pad
+        if bool((is_target & first_of_seg).any()):
+            b, i = _first_bad(is_target & first_of_seg)
+            raise ValueError(
+                f"the segment starting at [{b}, {i}] has no block-A token: its first token is a "
+                "target; block A (ending in the bridge <EOS>) needs at least one token"
+            )
+        # Block B must be a contiguous suffix: no target token followed by a non-target one
+        # inside the same segment.
+        back_to_a = torch.zeros_like(pad)
+        back_to_a[:, 1:] = is_target[:, :-1] & ~is_target[:, 1:] & ~new_run[:, 1:]
+        if bool(back_to_a.any()):
+            b, i = _first_bad(back_to_a)
+            raise ValueError(
+                f"block B is not a contiguous suffix of its segment: position [{b}, {i}] is block A "
+                "but follows a block-B token of the same segment"
+            )
+        # Position just past the last A token of each segment = first B token (or segment end).
+        B, N = seg.shape
+        pos = torch.arange(N, device=seg.device).expand(B, N)
+        # For an A token: the next target at or after it, if inside its segment, else the end.
+        next_target = torch.where(is_target, pos, torch.full_like(pos, N))
+        next_target = next_target.flip(1).cummin(dim=1).values.flip(1)
+        a_end = torch.minimum(next_target, end)
+        # For a B token: the first target of its segment, the latest B start at or before it.
+        b_starts = is_target & ~_shift_right(is_target, new_run)
+        first_b = torch.where(b_starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+        a_end = torch.where(is_target, first_b, a_end)
+        lo = torch.where(is_target, a_end - 1, start)
+        hi = torch.where(is_target, end, a_end)
+        zero = torch.zeros_like(lo)
+        return cls(torch.where(pad, zero, lo), torch.where(pad, zero, hi), causal=False)
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, causal: bool = False) -> "KeyRanges":
+        """One packed row (B = 1) from flash-attn style cumulative lengths ``[0, l0, l0+l1, ...]``."""
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in _INT_DTYPES:
+            raise TypeError(f"cu_seqlens must have an integer dtype, got {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must have shape (S + 1,) with S >= 1, got {tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.long()
+        if int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+        N = int(cu[-1])
+        if N < 1:
+            raise ValueError("cu_seqlens describes an empty row (total length 0)")
+        lengths = cu[1:] - cu[:-1]
+        seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+        return cls.from_segments(seg.view(1, N), causal=causal)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def shape(self) -> torch.Size:
+        return self.lo.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.lo.device
+
+    def to(self, device) -> "KeyRanges":
+        out = KeyRanges.__new__(KeyRanges)
+        out.lo, out.hi, out.causal = self.lo.to(device), self.hi.to(device), self.causal
+        return out
+
+    def effective_hi(self) -> torch.Tensor:
+        """``hi`` with the causal limit folded in (``min(hi, i + 1)``): what the kernels use."""
+        if not self.causal:
+            return self.hi
+        N = self.hi.shape[1]
+        limit = torch.arange(1, N + 1, device=self.hi.device, dtype=torch.int32)
+        return torch.minimum(self.hi, limit)
+
+    def to_dense(self) -> torch.Tensor:
+        """The (B, N, N) boolean mask, ``dense[b, i, j]`` = query i sees key j. For references."""
+        N = self.lo.shape[1]
+        j = torch.arange(N, device=self.lo.device)
+        return (j >= self.lo[:, :, None]) & (j < self.effective_hi()[:, :, None])
+
+    def __repr__(self) -> str:
+        B, N = self.lo.shape
+        return f"KeyRanges(B={B}, N={N}, causal={self.causal}, device={self.device})"
+
+
+def _shift_right(x: torch.Tensor, new_run: torch.Tensor) -> torch.Tensor:
+    """x[i-1] within the same run, False at the first position of each run."""
+    out = torch.zeros_like(x)
+    out[:, 1:] = x[:, :-1]
+    return out & ~new_run
+
+
+def _check_contiguous_segments(seg: torch.Tensor, new_run: torch.Tensor) -> None:
+    # A segment id that starts more than one run in its row is split by another id.
+    starts = torch.where(new_run & (seg >= 0), seg, torch.full_like(seg, -1))
+    ordered, _ = starts.sort(dim=1)
+    dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if bool(dup.any()):
+        b, i = _first_bad(dup)
+        raise ValueError(
+            f"segment {int(ordered[b, i + 1])} of row {b} is not contiguous: each segment id must "
+            "occupy one run of consecutive positions"
+        )
+
+
+def _query_tile_stats(lo: torch.Tensor, hi: torch.Tensor, block_m: int):
+    """Per query tile of ``block_m`` rows, over its active rows (non-empty interval):
+    min lo, max hi (the key hull) and max lo, min hi (the keys every active row sees)."""
+    B, N = lo.shape
+    nq = -(-N // block_m)
+    pad = nq * block_m - N
+    lo, hi = lo.long(), hi.long()
+    if pad:
+        lo = torch.nn.functional.pad(lo, (0, pad))
+        hi = torch.nn.functional.pad(hi, (0, pad))
+    active = lo < hi
+    big = torch.full_like(lo, N)
+    zero = torch.zeros_like(lo)
+
+    def per_tile(x, fill, reduce):
+        return reduce(torch.where(active, x, fill).view(B, nq, block_m), -1)
+
+    return (
+        per_tile(lo, big, torch.amin),
+        per_tile(hi, zero, torch.amax),
+        per_tile(lo, zero, torch.amax),
+        per_tile(hi, big, torch.amin),
+    )
+
+
+def query_tile_bounds(lo: torch.Tensor, hi: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """For each query tile, the key loop of the forward and dQ kernels.
+
+    ``hi`` must already have any causal limit folded in. Returns int32 (B, n_query_tiles, 4):
+    key positions ``[start, full_start, full_end, end)``. Keys in ``[start, end)`` cover the
+    tile's hull; key tiles in ``[full_start, full_end)`` are seen whole by every row of the tile
+    that sees anything, so the kernel skips element masking there. All are multiples of
+    ``block_n`` except ``end``. A tile with no active row gets empty loops.
+    """
+    min_lo, max_hi, max_lo, min_hi = _query_tile_stats(lo, hi, block_m)
+    any_active = max_hi > 0
+    start = torch.div(min_lo, block_n, rounding_mode="floor") * block_n
+    full_start = -torch.div(-max_lo, block_n, rounding_mode="floor") * block_n
+    full_end = torch.div(min_hi, block_n, rounding_mode="floor") * block_n
+    has_full = (full_end > full_start) & any_active
+    end = max_hi
+    full_start = torch.where(has_full, full_start, end)
+    full_end = torch.where(has_full, full_end, end)
+    start = torch.where(any_active, start, 0)
+    return torch.stack([start, full_start, full_end, end], dim=-1).to(torch.int32).contiguous()
+
+
+def key_tile_bounds(lo: torch.Tensor, hi: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """For each key tile, the query rows that can see it, for the dK/dV kernel.
+
+    ``hi`` must already have any causal limit folded in. Returns int32 (B, n_key_tiles, 4):
+    ``[q_begin, full_begin, full_end, q_end)`` in query rows (multiples of ``block_m``, except
+    that ``q_end`` may stop at a partial last tile). Query tiles in ``[q_begin, q_end)`` touch
+    the key tile; those in ``[full_begin, full_end)`` lie inside the row and see it whole in
+    every row that sees anything, so the kernel skips element masking there. Everything is
+    tensor work on the mask's device: no host synchronisation.
+    """
+    B, N = lo.shape
+    nq = -(-N // block_m)
+    nk = -(-N // block_n)
+    min_lo, max_hi, max_lo, min_hi = _query_tile_stats(lo, hi, block_m)
+    k0 = torch.arange(nk, device=lo.device) * block_n
+    k1 = k0 + block_n
+    touch = (min_lo[:, :, None] < k1) & (max_hi[:, :, None] > k0)  # (B, nq, nk)
+    # A partial last query tile is never "full": unmasked loads must stay inside the row.
+    q_whole = (torch.arange(1, nq + 1, device=lo.device) * block_m <= N)[None, :, None]
+    full = touch & q_whole & (max_lo[:, :, None] <= k0) & (min_hi[:, :, None] >= k1)
+
+    idx = torch.arange(nq, device=lo.device)[None, :, None]
+    any_touch = touch.any(1)
+    q_begin = torch.where(touch, idx, nq).amin(1)
+    q_end = torch.where(touch, idx, -1).amax(1) + 1
+    q_begin = torch.where(any_touch, q_begin, 0)
+    q_end = torch.where(any_touch, q_end, 0)
+    # The first contiguous run of full query tiles (for the masks above it is the only one).
+    any_full = full.any(1)
+    f_begin = torch.where(full, idx, nq).amin(1)
+    after = idx >= f_begin[:, None, :]
+    run = torch.cumprod(torch.where(after, full, True).to(torch.int32), dim=1)
+    f_end = f_begin + (run.bool() & after).sum(1)
+    f_begin = torch.where(any_full, f_begin, q_end)
+    f_end = torch.where(any_full, f_end, q_end)
+    rows = torch.stack([q_begin, f_begin, f_end, q_end], dim=-1) * block_m
+    return rows.clamp_(max=N).to(torch.int32).contiguous()
