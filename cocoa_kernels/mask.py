@@ -183,6 +183,30 @@ class KeyRanges:
         seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
         return cls.from_segments(seg.view(1, N), causal=causal)
 
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor) -> "KeyRanges":
+        """From a (B, N, N) boolean mask whose every row is one contiguous run of True (or empty).
+
+        The inverse of :meth:`to_dense` (with ``causal=False``); rows that are not an interval are
+        an error. Costs O(N^2): meant for masks that arrive dense, not for the training loop.
+        """
+        if not isinstance(dense, torch.Tensor) or dense.dtype != torch.bool:
+            raise TypeError("dense must be a bool tensor")
+        if dense.dim() != 3 or dense.shape[1] != dense.shape[2]:
+            raise ValueError(f"dense must have shape (B, N, N), got {tuple(dense.shape)}")
+        N = dense.shape[-1]
+        count = dense.sum(-1)
+        lo = torch.where(count > 0, dense.int().argmax(-1), 0)
+        hi = torch.where(count > 0, N - dense.flip(-1).int().argmax(-1), 0)
+        bad = (hi - lo) != count
+        if bool(bad.any()):
+            b, i = _first_bad(bad)
+            raise ValueError(
+                f"row {i} of batch {b} of the dense mask is not one contiguous interval of keys; "
+                "cocoa attention needs one [lo, hi) interval per query"
+            )
+        return cls(lo, hi)
+
     # ------------------------------------------------------------------ views
     @property
     def shape(self) -> torch.Size:

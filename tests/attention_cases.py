@@ -114,6 +114,10 @@ def assert_close(name, actual, truth, baseline, mult=2.0, eps=None):
     if eps is None:
         eps = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float64: 1e-10}[actual.dtype]
     assert not torch.isnan(actual).any(), f"{name}: NaN in result"
-    err = (actual.detach().cpu().double() - truth).abs().max().item()
+    diff = (actual.detach().cpu().double() - truth).abs()
+    err = diff.max().item()
     base = (baseline.detach().cpu().double() - truth).abs().max().item()
-    assert err <= mult * base + eps, f"{name}: error {err:.3e} > {mult} x PyTorch's {base:.3e} + {eps:.0e}"
+    where = [int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)]
+    assert err <= mult * base + eps, (
+        f"{name}: error {err:.3e} (at {where}) > {mult} x PyTorch's {base:.3e} + {eps:.0e}"
+    )

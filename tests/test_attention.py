@@ -131,3 +131,44 @@ def test_default_impl_follows_device():
     q, k, v, _ = make_qkv(1, 2, 2, 20, 64, torch.float32, DEVICE)
     expected = attention(q, k, v, mask, impl="triton" if DEVICE.type == "cuda" else "torch")
     torch.testing.assert_close(attention(q, k, v, mask), expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="a 128k-token row needs a GPU")
+def test_128k_token_row_matches_torch_path():
+    """Long rows: thousands of tiles per row with the shipped tile configs."""
+    N, D = 131072, 128
+    seg = torch.arange(4).repeat_interleave(N // 4)[None]
+    is_target = (torch.arange(N) % (N // 4) >= N // 4 - 4096)[None]
+    mask = KeyRanges.eos_bridge(seg, is_target).to(DEVICE)
+    q, k, v, do = make_qkv(1, 2, 1, N, D, torch.bfloat16, DEVICE, seed=17)
+    got = run_with_grads(lambda a, b, c: attention(a, b, c, mask, impl="triton"), q, k, v, do)
+    ref = run_with_grads(lambda a, b, c: attention(a, b, c, mask, impl="torch"), q, k, v, do)
+    for name, a, b in zip(NAMES, got, ref):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU with > 13 GB free")
+def test_offsets_past_int32():
+    """Batch 1 of q, k and v starts past element 2**31 of its buffer: every base offset must be
+    int64 (an int32 product would wrap and read batch 0 or garbage)."""
+    B, H, N, D = 2, 2, 300, 128
+    batch_stride = 2**31 + 4096
+    mask = make_mask("eos_bridge", B, N, seed=19).to(DEVICE)
+    views = []
+    for seed in range(3):
+        buf = torch.empty(batch_stride + H * N * D, dtype=torch.bfloat16, device=DEVICE)
+        view = buf.as_strided((B, H, N, D), (batch_stride, N * D, D, 1))
+        view.copy_(torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(seed)).to(DEVICE))
+        views.append(view)
+    do = torch.randn(B, H, N, D, device=DEVICE, dtype=torch.bfloat16)
+    q, k, v = (t.requires_grad_() for t in views)  # views stay views: no clone, no copy
+    out = attention(q, k, v, mask, impl="triton")
+    got = (out, *torch.autograd.grad(out, (q, k, v), do))
+    ref = run_with_grads(
+        lambda a, b, c: attention(a, b, c, mask, impl="triton"), *(t.detach().contiguous() for t in views), do
+    )
+    for name, a, b in zip(NAMES, got, ref):
+        assert torch.equal(a, b), name

@@ -175,3 +175,19 @@ def test_tile_bounds_skip_what_nobody_sees():
     assert qb[0, 5].tolist() == [128, 128, 192, 192]  # rows 160..191 -> keys 128..191, all full
     kb = key_tile_bounds(m.lo, m.hi, 32, 32)
     assert kb[0, 5].tolist() == [128, 128, 192, 192]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_dense_inverts_to_dense(family):
+    mask = make_mask(family, 2, 37, seed=2)
+    back = KeyRanges.from_dense(mask.to_dense())
+    assert torch.equal(back.to_dense(), mask.to_dense())
+
+
+def test_from_dense_refuses_rows_with_gaps():
+    dense = torch.zeros(1, 4, 4, dtype=torch.bool)
+    dense[0, 2, [0, 2]] = True
+    with pytest.raises(ValueError, match="row 2 of batch 0 of the dense mask is not one contiguous interval"):
+        KeyRanges.from_dense(dense)
+    with pytest.raises(ValueError, match=r"shape \(B, N, N\)"):
+        KeyRanges.from_dense(torch.zeros(1, 4, 3, dtype=torch.bool))

@@ -28,9 +28,11 @@ class AttentionConfig:
 
 _INTERPRETER = AttentionConfig(KernelConfig(32, 32), KernelConfig(32, 32), KernelConfig(32, 32))
 
-# Padded head dim (64 or 128) -> configs. The backward kernels keep the dimension they loop over
-# short (keys for dQ, queries for dK/dV) and the resident one long, as the Triton tutorial does.
-_GPU = {
+# Padded head dim (64 or 128) -> configs for 16-bit inputs. The backward kernels keep the
+# dimension they loop over short (keys for dQ, queries for dK/dV) and the resident one long, as
+# the Triton tutorial does. Shared memory at D = 128, bf16, forward: Q 32 KiB + 3 stages of K and
+# V tiles (16 KiB each) = 128 KiB of the H200's 228 KiB.
+_GPU_16BIT = {
     64: AttentionConfig(
         fwd=KernelConfig(128, 64, num_warps=4, num_stages=3),
         dq=KernelConfig(128, 32, num_warps=4, num_stages=3),
@@ -42,6 +44,13 @@ _GPU = {
         dkdv=KernelConfig(32, 128, num_warps=8, num_stages=2),
     ),
 }
+# fp32 tiles take twice the bytes: halve them so the same budget holds (fp32 is for checking
+# and small runs, not for speed).
+_GPU_FP32 = AttentionConfig(
+    fwd=KernelConfig(64, 32, num_warps=4, num_stages=2),
+    dq=KernelConfig(64, 32, num_warps=4, num_stages=2),
+    dkdv=KernelConfig(32, 64, num_warps=4, num_stages=2),
+)
 
 _override: AttentionConfig | None = None
 
@@ -51,12 +60,14 @@ def block_d_for(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def pick_config(block_d: int, on_gpu: bool) -> AttentionConfig:
+def pick_config(block_d: int, element_size: int, on_gpu: bool) -> AttentionConfig:
     if _override is not None:
         return _override
     if not on_gpu:
         return _INTERPRETER
-    return _GPU[64 if block_d <= 64 else 128]
+    if element_size >= 4:
+        return _GPU_FP32
+    return _GPU_16BIT[64 if block_d <= 64 else 128]
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ def attention_fwd(
     if impl == "triton":
         from .triton_fwd import attention_fwd as launch
 
-        cfg = pick_config(block_d_for(q.shape[-1]), on_gpu=q.is_cuda)
+        cfg = pick_config(block_d_for(q.shape[-1]), q.element_size(), on_gpu=q.is_cuda)
         return launch(q, k, v, lo, hi, scale, cfg.fwd)
     return reference.attention_forward(q, k, v, lo, hi, scale)
 
@@ -41,7 +41,7 @@ def attention_bwd(
     if impl == "triton":
         from .triton_bwd import attention_bwd as launch
 
-        cfg = pick_config(block_d_for(q.shape[-1]), on_gpu=q.is_cuda)
+        cfg = pick_config(block_d_for(q.shape[-1]), q.element_size(), on_gpu=q.is_cuda)
         return launch(do, q, k, v, out, lse, lo, hi, scale, cfg.dq, cfg.dkdv)
     dq, dk, dv = reference.attention_backward(do, q, k, v, out, lse, lo, hi, scale)
     # Same layouts as the Triton path (and the fake kernel): gradients strided like inputs.

@@ -1,0 +1,133 @@
+"""``attn_implementation="cocoa_triton"``: cocoa_kernels.attention behind transformers' own hooks.
+
+Importing ``cocoa`` registers two functions under the name ``"cocoa_triton"``:
+
+- with ``AttentionMaskInterface``: turns the 2-D padding mask a model is given into a
+  :class:`KeyRanges` (O(N), no (N, N) tensor), causal or bidirectional as the text config's
+  ``is_causal`` says, exactly the mask ``"sdpa"`` would build;
+- with ``AttentionInterface``: runs every attention layer through ``cocoa_kernels.attention``.
+
+The CoCoA masks travel as a forward keyword: ``model(**inputs, key_ranges=KeyRanges(...))``.
+transformers hands unknown keywords down to every attention call; decoder self-attention layers
+(the modules with a ``layer_idx``, i.e. a KV-cache slot) use them, while vision-tower blocks,
+which get the same keywords, ignore them and attend bidirectionally within each image.
+No model class is patched and no forward is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
+from transformers.masking_utils import sdpa_mask
+
+from cocoa_kernels import KeyRanges, attention
+
+ATTN_IMPLEMENTATION = "cocoa_triton"
+
+
+def padding_to_key_ranges(attention_mask: torch.Tensor | None, batch: int, length: int, causal: bool, device):
+    """The mask ``"sdpa"`` builds from a 2-D padding mask, as key intervals.
+
+    Every query sees the row's valid keys (causal: those at or before it). The valid keys of a
+    row must be contiguous (left or right padding), which is what tokenizers produce.
+    """
+    if attention_mask is None:
+        lo = torch.zeros(batch, length, dtype=torch.int32, device=device)
+        hi = torch.full((batch, length), length, dtype=torch.int32, device=device)
+        return KeyRanges(lo, hi, causal=causal)
+    valid = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+    count = valid.sum(-1, keepdim=True)
+    first = valid.int().argmax(-1, keepdim=True)
+    last = length - valid.flip(-1).int().argmax(-1, keepdim=True)
+    first = torch.where(count > 0, first, 0)
+    last = torch.where(count > 0, last, 0)
+    if bool(((last - first) != count).any()):
+        raise ValueError(
+            "attention_mask: padding inside a row (valid tokens not contiguous) has no key-interval "
+            "form; pad on the left or the right, or pass key_ranges"
+        )
+    return KeyRanges(first.expand(batch, length), last.expand(batch, length), causal=causal)
+
+
+def cocoa_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    device="cpu",
+    **kwargs,
+):
+    """AttentionMaskInterface entry: the model's default mask as a KeyRanges (or None while
+    decoding with a cache, which the attention function then refuses)."""
+    if q_length != kv_length or q_offset or kv_offset:
+        return None
+    if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
+        causal = mask_function is causal_mask_function
+        return padding_to_key_ranges(attention_mask, batch_size, kv_length, causal, device)
+    # Composite masks (packed-sequence detection, model-specific overlays): evaluate them densely
+    # once and convert; an overlay with no interval form is refused there with a clear error.
+    dense = sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, mask_function=mask_function,
+        attention_mask=attention_mask, allow_is_causal_skip=False, device=device, **kwargs,
+    )
+    return KeyRanges.from_dense(dense[:, 0].to(torch.bool))
+
+
+def cocoa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    key_ranges: KeyRanges | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs,
+):
+    """AttentionInterface entry. q (B, Hq, N, D), k/v (B, Hkv, N, D) -> ((B, N, Hq, D), None)."""
+    if dropout:
+        raise ValueError(
+            f"cocoa_triton: attention dropout {dropout} is not supported; set the config's attention_dropout to 0"
+        )
+    B, _, N, _ = query.shape
+    if key.shape[2] != N:
+        raise ValueError(
+            "cocoa_triton: a KV cache (generation) is not supported: queries cover "
+            f"{N} positions but keys {key.shape[2]}; use attn_implementation='sdpa' to generate"
+        )
+    decoder_layer = hasattr(module, "layer_idx")
+    if key_ranges is not None and decoder_layer:
+        mask = key_ranges
+        if not isinstance(mask, KeyRanges):
+            raise TypeError(f"key_ranges must be a cocoa_kernels.KeyRanges, got {type(mask).__name__}")
+        if tuple(mask.shape) != (B, N):
+            raise ValueError(f"key_ranges has shape {tuple(mask.shape)} but the batch is (B, N) = {(B, N)}")
+        if mask.device != query.device:
+            raise ValueError(f"key_ranges is on {mask.device} but the model runs on {query.device}")
+    elif isinstance(attention_mask, KeyRanges):
+        mask = attention_mask
+    elif cu_seq_lens_q is not None:  # varlen call (vision tower): bidirectional per segment
+        mask = KeyRanges.from_cu_seqlens(cu_seq_lens_q)
+    elif attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        mask = padding_to_key_ranges(None, B, N, bool(causal), query.device)
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        # A prepared 4-D mask (bool, or additive with -inf): convert, refusing non-interval rows.
+        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        mask = KeyRanges.from_dense(allowed[:, 0].expand(B, N, N).contiguous())
+    else:
+        raise TypeError(f"cocoa_triton: unsupported attention_mask of type {type(attention_mask).__name__}")
+    out = attention(query, key, value, mask, scale=scaling)
+    return out.transpose(1, 2), None  # free: the kernel writes token-major
+
+
+def register() -> None:
+    """Register "cocoa_triton" with transformers (done on ``import cocoa``; idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, cocoa_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, cocoa_mask)
