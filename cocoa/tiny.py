@@ -1,0 +1,47 @@
+"""The built-in tiny backbone: a Qwen2-VL-shaped config and a character-level tokenizer.
+
+Nothing is downloaded: the demo, the tests and quick experiments build random-weight models from
+``tiny_config()`` and tokenize with ``char_tokenizer()`` (printable ASCII, one id per character,
+plus the special tokens CoCoA needs: pad, eos (the bridge ``<EOS>``), mask and the vision ones).
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
+
+SPECIAL = ["<pad>", "<unk>", "<eos>", "<mask>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+_CHARS = [chr(c) for c in range(32, 127)]
+VOCAB_SIZE = 128  # len(SPECIAL) + 95 printable characters, rounded up
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    for c in _CHARS:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", mask_token="<mask>",
+        additional_special_tokens=SPECIAL[4:],
+    )
+
+
+def tiny_config(hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, **text_overrides):
+    """A Qwen2-VL config small enough to train on a CPU, with the char tokenizer's special ids."""
+    ids = {tok: i for i, tok in enumerate(SPECIAL)}
+    text = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=1024, bos_token_id=None, eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"],
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=True,
+    )
+    text.update(text_overrides)
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
