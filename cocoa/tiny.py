@@ -15,13 +15,14 @@ VOCAB_SIZE = 128  # len(SPECIAL) + 95 printable characters, rounded up
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
     for c in _CHARS:
         vocab[c] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters join back without spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", mask_token="<mask>",
         additional_special_tokens=SPECIAL[4:],
