@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .data.encoding import InputEncoder, embedding_batch
+from .data.encoding import MODEL_INPUTS, InputEncoder, embedding_batch
 from .loading import load_model
 
 
@@ -98,8 +98,8 @@ class Embedder:
 
 def pool_eos(backbone, batch: dict, device) -> torch.Tensor:
     """Run the base model on an ``embedding_batch`` and return the L2-normalised EOS states (float32)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    eos_index = batch.pop("eos_index")
+    eos_index = batch["eos_index"].to(device)
+    batch = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(backbone.dtype)
     hidden = backbone(**batch, use_cache=False).last_hidden_state

@@ -83,7 +83,7 @@ class Stage1Collator(_Base):
             pix_masks.append(pix)
             targets.append(sample_targets)
         rows = pack_rows(encoded, self.pack_budget)
-        batch, seg, _, extras = batch_rows(self.encoder, encoded, rows, {"labels": labels, "pixel_mask": pix_masks})
+        batch, seg, extras = batch_rows(self.encoder, encoded, rows, {"labels": labels, "pixel_mask": pix_masks})
         batch["labels"] = extras["labels"]
         batch["key_ranges"] = KeyRanges.from_segments(seg)
         batch["pixel_mask"] = extras["pixel_mask"] == 1
@@ -129,7 +129,7 @@ class Stage2Collator(_Base):
             labels.append(lab)
             is_target.append([0] * a_len + [1] * len(b_ids))
         rows = pack_rows(encoded, self.pack_budget)
-        batch, seg, _, extras = batch_rows(self.encoder, encoded, rows, {"labels": labels, "is_target": is_target})
+        batch, seg, extras = batch_rows(self.encoder, encoded, rows, {"labels": labels, "is_target": is_target})
         batch["labels"] = extras["labels"]
         batch["key_ranges"] = KeyRanges.eos_bridge(seg, extras["is_target"] == 1)
         return batch

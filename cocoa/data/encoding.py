@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 IGNORE = -100
+# What a backbone's forward takes from a batch; collators may add other keys (labels, layout).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "key_ranges")
 
 
 @dataclass
@@ -123,8 +125,8 @@ def batch_rows(encoder: InputEncoder, encoded: list[Encoded], rows: list[list[in
     """Pad rows of inputs into model tensors.
 
     Returns the model inputs (``input_ids``, ``attention_mask``, ``position_ids`` (3, B, N),
-    ``pixel_values``/``image_grid_thw`` in row order) and the layout: ``segment_ids`` (B, N) with
-    -1 on padding and the (row, start) of every input. ``extras`` maps a name to per-input lists
+    ``pixel_values``/``image_grid_thw`` in row order, ``image_rows``) and the layout: ``segment_ids`` (B, N) with
+    -1 on padding. ``extras`` maps a name to per-input lists
     aligned with ``ids`` (e.g. labels), padded with IGNORE, returned as (B, N) tensors.
     """
     extras = extras or {}
@@ -134,8 +136,7 @@ def batch_rows(encoder: InputEncoder, encoded: list[Encoded], rows: list[list[in
     segment_ids = torch.full((B, N), -1, dtype=torch.long)
     positions = torch.zeros(3, B, N, dtype=torch.long)
     out_extras = {k: torch.full((B, N), IGNORE, dtype=torch.long) for k in extras}
-    starts = [None] * len(encoded)
-    pixels, grids = [], []
+    pixels, grids, image_rows = [], [], []
     for b, row in enumerate(rows):
         at = 0
         for seg, i in enumerate(row):
@@ -149,13 +150,14 @@ def batch_rows(encoder: InputEncoder, encoded: list[Encoded], rows: list[list[in
             if enc.pixels is not None:
                 pixels.append(enc.pixels)
                 grids.append(enc.grid)
-            starts[i] = (b, at)
+                image_rows.append(b)
             at += L
     batch = {"input_ids": input_ids, "attention_mask": (segment_ids >= 0).long(), "position_ids": positions}
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
         batch["image_grid_thw"] = torch.stack(grids)
-    return batch, segment_ids, starts, out_extras
+        batch["image_rows"] = torch.tensor(image_rows)  # the row each image's tokens sit in
+    return batch, segment_ids, out_extras
 
 
 def embedding_batch(encoder: InputEncoder, items: list[tuple], prefix: list[int] | None = None) -> dict:
@@ -167,7 +169,7 @@ def embedding_batch(encoder: InputEncoder, items: list[tuple], prefix: list[int]
     from cocoa_kernels import KeyRanges
 
     encoded = [encoder.encode(image, text, prefix=prefix) for image, text in items]
-    batch, seg, _, _ = batch_rows(encoder, encoded, [[i] for i in range(len(encoded))])
+    batch, seg, _ = batch_rows(encoder, encoded, [[i] for i in range(len(encoded))])
     batch["key_ranges"] = KeyRanges.from_segments(seg)
     batch["eos_index"] = torch.tensor([len(e.ids) - 1 for e in encoded])
     return batch
