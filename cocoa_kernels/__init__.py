@@ -4,7 +4,8 @@
 """
 
 from .attention import attention
+from .losses import linear_cross_entropy
 from .mask import KeyRanges
 
-__all__ = ["KeyRanges", "attention"]
+__all__ = ["KeyRanges", "attention", "linear_cross_entropy"]
 __version__ = "0.1.0"

@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 
 from cocoa_kernels.attention import config as attn_config  # noqa: E402
 from cocoa_kernels.attention import triton_bwd, triton_fwd  # noqa: E402
+from cocoa_kernels.losses import triton_bwd as loss_triton_bwd  # noqa: E402
+from cocoa_kernels.losses import triton_fwd as loss_triton_fwd  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -58,6 +60,6 @@ class _PoisonedTorch:
 @pytest.fixture(autouse=True)
 def _poison_kernel_outputs(monkeypatch):
     poisoned = _PoisonedTorch()
-    for module in (triton_fwd, triton_bwd):
+    for module in (triton_fwd, triton_bwd, loss_triton_fwd, loss_triton_bwd):
         monkeypatch.setattr(module, "torch", poisoned)
     yield

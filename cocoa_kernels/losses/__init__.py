@@ -1,0 +1,145 @@
+"""Fused masked-reconstruction loss: ``linear_cross_entropy(hidden, weight, labels)``."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import choose_impl
+from . import op
+
+__all__ = ["linear_cross_entropy"]
+
+_NAME = "linear_cross_entropy"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LABEL_DTYPES = (torch.int64, torch.int32)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift: int = 0,
+    reduction: str = "mean",
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
+
+    Shapes:
+        hidden: (T, H) or (B, N, H), fp32, fp16 or bf16 (the PyTorch path also takes float64).
+        weight: (V, H), hidden's dtype; e.g. the LM head, or the tied input embedding.
+        labels: hidden's leading shape, (T,) or (B, N), int64 or int32; each in [0, V) or
+            ``ignore_index``.
+        bias: (V,) in hidden's dtype, or None.
+        returns: a float32 scalar for "mean" and "sum", per-position float32 losses shaped like
+            ``labels`` for "none" (float64 for float64 inputs).
+
+    Contract:
+        - Only the positions that count are computed: rows whose label is ``ignore_index`` are
+          dropped (compacted on the device, no host sync) before any matrix work, and the
+          (tokens x V) logits never exist in memory, forward or backward; accumulation is fp32.
+        - ``shift=k`` (needs (B, N, H)) scores the hidden state at position i of a row against the
+          label at position i + k of the same row (``shift=1``: masked next-token prediction);
+          the last k positions of every row score nothing. ``shift=0`` scores i against i.
+        - "mean" divides by the number of labels that count (0.0 with zero gradients when none
+          does, never NaN); "sum" adds them; "none" puts each label's loss at the label's own
+          position (position i + k for the hidden state at i) and 0 where nothing is scored.
+        - Differentiable in hidden, weight and bias. Gradients are bitwise deterministic.
+        - ``impl``: None picks Triton for CUDA tensors and PyTorch otherwise; "triton" or "torch"
+          forces one (see ``cocoa_kernels._backend``). Labels outside [0, V) that are not
+          ``ignore_index`` raise a ValueError (this check syncs with the host once per call).
+
+    Example (LLM2Vec-style masked next-token prediction, 40% of the tokens masked)::
+
+        labels = torch.where(is_masked, input_ids, -100)             # (B, N)
+        loss = linear_cross_entropy(hidden, lm_head.weight, labels, shift=1)
+    """
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    impl = choose_impl(_NAME, device, impl)
+    _check(hidden, weight, labels, bias, ignore_index, shift, reduction, impl)
+    shift = int(shift)
+    targets = _shifted_targets(labels, shift, ignore_index)
+    loss, _ = op.linear_cross_entropy_fwd(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), int(ignore_index), impl
+    )
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        counted = (targets != ignore_index).sum()
+        return loss.sum() / counted.clamp(min=1)
+    return _at_label_positions(loss.view(labels.shape), shift)
+
+
+def _shifted_targets(labels: torch.Tensor, shift: int, ignore_index: int) -> torch.Tensor:
+    """The label each hidden position is scored against: labels[b, i + shift], or ignore_index
+    past the end of the row. Tiny (labels-sized); computed on the device."""
+    if shift == 0:
+        return labels
+    k = min(shift, labels.shape[1])
+    return F.pad(labels[:, k:], (0, k), value=ignore_index)
+
+
+def _at_label_positions(loss: torch.Tensor, shift: int) -> torch.Tensor:
+    """Per-hidden-position losses (B, N) moved to the positions of the labels they score."""
+    if shift == 0:
+        return loss
+    k = min(shift, loss.shape[1])
+    return F.pad(loss[:, : loss.shape[1] - k], (k, 0))
+
+
+def _check(hidden, weight, labels, bias, ignore_index, shift, reduction, impl) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{_NAME}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+
+    allowed = _DTYPES + ((torch.float64,) if impl == "torch" else ())
+    if hidden.dtype not in allowed:
+        raise TypeError(f"{_NAME}: hidden must be one of {allowed} with impl={impl!r}, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{_NAME}: weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if bias is not None and bias.dtype != hidden.dtype:
+        raise TypeError(f"{_NAME}: bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"{_NAME}: labels must be an integer tensor (int64 or int32), got {labels.dtype}")
+
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"{_NAME}: hidden must have shape (T, H) or (B, N, H), got {tuple(hidden.shape)}")
+    H = hidden.shape[-1]
+    if H == 0:
+        raise ValueError(f"{_NAME}: hidden has an empty hidden dim, shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"{_NAME}: weight must have shape (V, H={H}) to match hidden, got {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError(f"{_NAME}: weight has an empty vocab, shape {tuple(weight.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{_NAME}: labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"{_NAME}: bias must have shape (V,) = ({V},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{_NAME}: {name} is on {t.device} but hidden is on {hidden.device}")
+
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{_NAME}: ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Integral):
+        raise TypeError(f"{_NAME}: shift must be a non-negative int, got {shift!r}")
+    if shift < 0:
+        raise ValueError(f"{_NAME}: shift must be >= 0, got {shift}")
+    if shift and hidden.dim() != 3:
+        raise ValueError(
+            f"{_NAME}: shift={shift} needs hidden of shape (B, N, H) so that rows are known; "
+            f"got (T, H) = {tuple(hidden.shape)} (shift the labels yourself, or pass shift=0)"
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{_NAME}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")

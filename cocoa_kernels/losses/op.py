@@ -1,0 +1,98 @@
+"""The loss as ``torch.library`` custom ops, with fake kernels and an autograd formula.
+
+``cocoa::linear_cross_entropy_fwd`` returns ``(loss, lse)`` per row of a (T, H) hidden: the
+cross-entropy of each row whose target is not ``ignore_index`` (0 on the others) and the
+log-sum-exp in the units the same implementation's backward expects (log2 for Triton, natural log
+for PyTorch; it never leaves this module). ``cocoa::linear_cross_entropy_bwd`` returns
+``(d_hidden, d_weight, d_bias)`` for an upstream gradient per row (``d_bias`` is empty without a
+bias). Both compact the counted rows themselves and dispatch on ``impl`` ("triton" or "torch"),
+so ``torch.compile`` traces through the loss without graph breaks whichever runs underneath.
+"""
+
+from typing import Optional
+
+import torch
+
+from .._backend import choose_impl
+from . import reference
+from .config import pick_config
+
+
+def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels outside [0, V) that are not ``ignore_index``: a ValueError. Validation, so it may
+    (and does) sync with the host once per call."""
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if bool(bad.any()):
+        found = targets[bad][:5].tolist()
+        raise ValueError(
+            f"linear_cross_entropy: labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; "
+            f"found {found}"
+        )
+
+
+def _loss_dtype(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("cocoa::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+    ignore_index: int, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_targets(targets, weight.shape[0], ignore_index)
+    if impl == "triton":
+        from .triton_fwd import lce_fwd
+
+        choose_impl("linear_cross_entropy", hidden.device, impl)  # interpreter bf16 fix on CPU
+        cfg = pick_config(hidden.is_cuda, hidden.dtype)
+        return lce_fwd(hidden, weight, bias, targets, ignore_index, cfg)
+    return reference.lce_forward(hidden, weight, bias, targets, ignore_index)
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, bias, targets, ignore_index, impl):
+    T = hidden.shape[0]
+    dtype = _loss_dtype(hidden)
+    return hidden.new_empty(T, dtype=dtype), hidden.new_empty(T, dtype=dtype)
+
+
+@torch.library.custom_op("cocoa::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(
+    d_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    targets: torch.Tensor, lse: torch.Tensor, ignore_index: int, impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if impl == "triton":
+        from .triton_bwd import lce_bwd
+
+        choose_impl("linear_cross_entropy", hidden.device, impl)
+        cfg = pick_config(hidden.is_cuda, hidden.dtype)
+        return lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index, cfg)
+    return reference.lce_backward(d_loss, hidden, weight, bias, targets, lse, ignore_index)
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(d_loss, hidden, weight, bias, targets, lse, ignore_index, impl):
+    T, H = hidden.shape
+    V = weight.shape[0]
+    return hidden.new_empty(T, H), weight.new_empty(V, H), hidden.new_empty(V if bias is not None else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, impl = inputs
+    _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse)
+    ctx.ignore_index, ctx.impl = ignore_index, impl
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, d_loss, d_lse):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    if d_loss is None:
+        return None, None, None, None, None, None
+    d_hidden, d_weight, d_bias = linear_cross_entropy_bwd(
+        d_loss, hidden, weight, bias, targets, lse, ctx.ignore_index, ctx.impl
+    )
+    return d_hidden, d_weight, (d_bias if bias is not None else None), None, None, None
+
+
+linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,73 @@
+"""Fused linear cross-entropy in plain PyTorch: the CPU path and the readable specification.
+
+Same contract as the Triton kernels: hidden (T, H), weight (V, H), bias (V,) or None, targets (T,)
+with ``ignore_index`` on the rows that do not count. The counted rows are gathered first
+(``nonzero``: a host sync, free on the CPU this path is meant for) and processed in chunks of rows,
+so at most ``_CHUNK_ELEMENTS`` logits exist at once, never the whole (T, V). Arithmetic in
+float32 (float64 for float64 inputs). The backward recomputes each chunk's logits from the saved
+log-sum-exp, as the kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Logits held at once: chunk_rows * V elements (~128 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(targets: torch.Tensor, ignore_index: int, V: int):
+    """The counted rows (int64 indices) in chunks of at most ``_CHUNK_ELEMENTS // V`` rows."""
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    return rows.split(max(1, _CHUNK_ELEMENTS // max(1, V)))
+
+
+def _logits(hidden, w, b, rows, dtype):
+    z = hidden.index_select(0, rows).to(dtype) @ w.T
+    return z + b if b is not None else z
+
+
+def lce_forward(hidden, weight, bias, targets, ignore_index: int):
+    """Returns ``loss`` (T,) and ``lse`` (T,) (natural log), 0 on rows that do not count; float32,
+    or float64 for float64 inputs."""
+    T = hidden.shape[0]
+    V = weight.shape[0]
+    dtype = _compute_dtype(hidden.dtype)
+    loss = torch.zeros(T, dtype=dtype, device=hidden.device)
+    lse = torch.zeros(T, dtype=dtype, device=hidden.device)
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    for rows in _row_chunks(targets, ignore_index, V):
+        z = _logits(hidden, w, b, rows, dtype)
+        chunk_lse = torch.logsumexp(z, dim=-1)
+        target_logit = z.gather(1, targets[rows].long()[:, None]).squeeze(1)
+        loss[rows] = chunk_lse - target_logit
+        lse[rows] = chunk_lse
+    return loss, lse
+
+
+def lce_backward(d_loss, hidden, weight, bias, targets, lse, ignore_index: int):
+    """Gradients (d_hidden, d_weight, d_bias) of ``sum(d_loss * loss)``; d_bias is an empty tensor
+    without bias. Outputs contiguous, in the inputs' dtypes."""
+    T, H = hidden.shape
+    V = weight.shape[0]
+    dtype = _compute_dtype(hidden.dtype)
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    d_hidden = torch.zeros(T, H, dtype=dtype, device=hidden.device)
+    d_weight = torch.zeros(V, H, dtype=dtype, device=hidden.device)
+    d_bias = torch.zeros(V if bias is not None else 0, dtype=dtype, device=hidden.device)
+    for rows in _row_chunks(targets, ignore_index, V):
+        z = _logits(hidden, w, b, rows, dtype)
+        dz = torch.exp(z - lse[rows].to(dtype)[:, None])
+        dz[torch.arange(rows.numel(), device=z.device), targets[rows].long()] -= 1
+        dz *= d_loss[rows].to(dtype)[:, None]
+        d_hidden[rows] = dz @ w
+        d_weight += dz.T @ hidden.index_select(0, rows).to(dtype)
+        if bias is not None:
+            d_bias += dz.sum(0)
+    return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(hidden.dtype)

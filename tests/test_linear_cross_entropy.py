@@ -1,0 +1,284 @@
+"""cocoa_kernels.linear_cross_entropy against a float64 F.cross_entropy truth: loss and the
+gradients of hidden, weight and bias, for impl="triton" (compiled on a GPU, interpreted on the
+CPU) and impl="torch"; plus validation, custom-op checks, torch.compile, determinism, memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+from cocoa_kernels import linear_cross_entropy
+from cocoa_kernels.losses import op, reference
+from loss_cases import IGNORE, assert_close, make_inputs, run_with_grads, torch_loss, truth_and_baseline
+
+IMPLS = ("triton", "torch")
+NAMES = ("loss", "d_hidden", "d_weight", "d_bias")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_against_truth(impl, hidden, weight, labels, bias, upstream, shift=0, reduction="mean", mult=2.0):
+    def fn(h, w, b):
+        return linear_cross_entropy(h, w, labels, bias=b, shift=shift, reduction=reduction, impl=impl)
+
+    got = run_with_grads(fn, hidden, weight, bias, upstream)
+    truth, base = truth_and_baseline(hidden, weight, labels, bias, upstream, shift, reduction)
+    assert got[0].dtype == torch.float32
+    assert got[0].shape == truth[0].shape
+    for name, g, t, b in zip(NAMES, got, truth, base):
+        if t is None:
+            assert g is None
+            continue
+        assert g.shape == t.shape, name
+        assert_close(f"{impl} {name}", g, t, b, hidden.dtype, mult=mult)
+    # The loss is accumulated and returned in fp32 whatever the inputs' dtype: it must also be as
+    # close as PyTorch's fp32 computation on the same (upcast) inputs.
+    base32 = torch_loss(hidden.float(), weight.float(), labels, None if bias is None else bias.float(),
+                        shift=shift, reduction=reduction)
+    assert_close(f"{impl} loss vs fp32", got[0], truth[0], base32, torch.float32, mult=mult)
+    return got
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shift1_bias_odd_sizes(impl, dtype, reduction):
+    """(B, N, H) with shift=1 (the last position of each row scores nothing), bias, V = 1007 and
+    H = 80 (partial vocab tiles and hidden chunks), about half the labels ignored."""
+    hidden, weight, bias, labels, up = make_inputs((2, 37), 80, 1007, DTYPES[dtype], DEVICE, seed=1)
+    _, d_hidden, *_ = check_against_truth(impl, hidden, weight, labels, bias, up, shift=1, reduction=reduction)
+    assert torch.all(d_hidden[:, -1] == 0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_flat_rows_every_label_counts(impl, dtype):
+    """(T, H) hidden, no bias, no ignored label (count == T: full row tiles), even H."""
+    hidden, weight, _, labels, up = make_inputs((61,), 64, 300, DTYPES[dtype], DEVICE, seed=2, ignore_frac=0.0,
+                                                bias=False)
+    check_against_truth(impl, hidden, weight, labels, None, up, reduction="sum")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shift2_int32_labels_per_position(impl):
+    hidden, weight, bias, labels, up = make_inputs((3, 23), 64, 513, torch.float32, DEVICE, seed=3,
+                                                   label_dtype=torch.int32)
+    loss, *_ = check_against_truth(impl, hidden, weight, labels, bias, up, shift=2, reduction="none")
+    assert torch.all(loss[:, :2] == 0)
+    assert torch.all(loss[labels == IGNORE] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_inputs_whole_vocab_tiles(impl):
+    """hidden a transposed view, weight a column slice of a wider matrix, bias a strided slice;
+    V = 384 is a whole number of vocab tiles (no masked vocab tile anywhere)."""
+    hidden, weight, bias, labels, up = make_inputs((2, 29), 80, 384, torch.float32, DEVICE, seed=4)
+    hidden_t = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    wide = torch.zeros(384, 96, device=DEVICE)
+    wide[:, 8:88] = weight
+    bias2 = torch.stack([bias, bias], dim=1)[:, 0]
+    assert not hidden_t.is_contiguous() and not wide[:, 8:88].is_contiguous() and not bias2.is_contiguous()
+    check_against_truth(impl, hidden_t, wide[:, 8:88], labels, bias2, up, shift=1, reduction="mean")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_that_do_not_count_are_never_read(impl):
+    """NaN in every hidden row that scores nothing (ignored label, or past the row end with
+    shift=1) changes nothing: those rows are compacted away before any arithmetic."""
+    hidden, weight, bias, labels, up = make_inputs((2, 31), 64, 300, torch.bfloat16, DEVICE, seed=17)
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, :-1] = labels[:, 1:] != IGNORE
+    poisoned = hidden.masked_fill(~scored[..., None], float("nan"))
+
+    def fn(h, w, b):
+        return linear_cross_entropy(h, w, labels, bias=b, shift=1, reduction="none", impl=impl)
+
+    clean = run_with_grads(fn, hidden, weight, bias, up)
+    dirty = run_with_grads(fn, poisoned, weight, bias, up)
+    for name, a, b in zip(NAMES, clean, dirty):
+        assert torch.equal(a, b), name
+    assert torch.all(clean[1][~scored] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_peaked_softmax(impl):
+    """Logits of std ~60: one-hot softmax rows, exp of large negatives; no inf or NaN anywhere."""
+    hidden, weight, bias, labels, up = make_inputs((57,), 64, 333, torch.float32, DEVICE, seed=5)
+    got = check_against_truth(impl, hidden * 30, weight, labels, bias * 30, up, reduction="sum")
+    for t in got:
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nothing_counts(impl, reduction):
+    """Every label ignored (or shifted out of its row): loss 0.0, gradients exactly 0, no NaN."""
+    hidden, weight, bias, labels, up = make_inputs((2, 9), 64, 100, torch.bfloat16, DEVICE, seed=6)
+    cases = [(torch.full_like(labels, IGNORE), 1), (labels.clamp(min=0), 9), (labels.clamp(min=0), 20)]
+    for lab, shift in cases:
+        got = run_with_grads(
+            lambda h, w, b: linear_cross_entropy(h, w, lab, bias=b, shift=shift, reduction=reduction, impl=impl),
+            hidden, weight, bias, up,
+        )
+        for name, t in zip(NAMES, got):
+            assert torch.all(t == 0), f"{name} not all zero (shift={shift})"
+        assert got[0].shape == (() if reduction != "none" else lab.shape)
+
+
+def test_backward_is_deterministic():
+    hidden, weight, bias, labels, up = make_inputs((2, 41), 80, 1007, torch.bfloat16, DEVICE, seed=7)
+
+    def fn(h, w, b):
+        return linear_cross_entropy(h, w, labels, bias=b, shift=1, reduction="none", impl="triton")
+
+    first = run_with_grads(fn, hidden, weight, bias, up)
+    second = run_with_grads(fn, hidden, weight, bias, up)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+def test_reference_in_chunks_matches_one_chunk(monkeypatch):
+    """The CPU path's row chunking does not change the result (float64)."""
+    hidden, weight, bias, labels, up = make_inputs((2, 30), 48, 211, torch.float64, "cpu", seed=8)
+
+    def fn(h, w, b):
+        return linear_cross_entropy(h, w, labels, bias=b, shift=1, reduction="none", impl="torch")
+
+    whole = run_with_grads(fn, hidden, weight, bias, up)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 211 * 7)  # 7 rows a chunk
+    chunked = run_with_grads(fn, hidden, weight, bias, up)
+    truth = run_with_grads(lambda h, w, b: torch_loss(h, w, labels, b, shift=1, reduction="none"),
+                           hidden, weight, bias, up)
+    for name, a, b, t in zip(NAMES, whole, chunked, truth):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_default_impl_follows_device():
+    hidden, weight, bias, labels, _ = make_inputs((2, 20), 64, 128, torch.float32, DEVICE, seed=9)
+    expected = linear_cross_entropy(hidden, weight, labels, bias=bias, impl="triton" if ON_GPU else "torch")
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels, bias=bias), expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _bad_inputs():
+    h, w, b, y, _ = make_inputs((2, 5), 16, 10, torch.float32, DEVICE, seed=10)
+    ok = dict(hidden=h, weight=w, labels=y, bias=b)
+    H = h.shape[-1]
+    return [
+        ("labels above V", dict(labels=y.clamp(min=0) + 10), ValueError, r"labels must be in \[0, V=10\)"),
+        ("negative label", dict(labels=torch.full_like(y, -1)), ValueError, "labels must be in"),
+        ("hidden int", dict(hidden=h.long()), TypeError, "hidden must be one of"),
+        ("labels float", dict(labels=y.float()), TypeError, "labels must be an integer tensor"),
+        ("labels int16", dict(labels=y.to(torch.int16)), TypeError, "labels must be an integer tensor"),
+        ("weight dtype", dict(weight=w.double()), TypeError, "weight must have hidden's dtype"),
+        ("bias dtype", dict(bias=b.half()), TypeError, "bias must have hidden's dtype"),
+        ("hidden 1-D", dict(hidden=h[0, 0]), ValueError, r"hidden must have shape \(T, H\) or \(B, N, H\)"),
+        ("hidden 4-D", dict(hidden=h[None]), ValueError, r"hidden must have shape \(T, H\) or \(B, N, H\)"),
+        ("mismatched H", dict(weight=w[:, :-1]), ValueError, rf"weight must have shape \(V, H={H}\)"),
+        ("weight 1-D", dict(weight=w[0]), ValueError, r"weight must have shape \(V, H="),
+        ("labels shape", dict(labels=y[:, :-1]), ValueError, "labels must have hidden's leading shape"),
+        ("bias shape", dict(bias=b[:-1]), ValueError, r"bias must have shape \(V,\)"),
+        ("hidden not tensor", dict(hidden=h.tolist()), TypeError, "hidden must be a torch.Tensor"),
+        ("bias not tensor", dict(bias=1.0), TypeError, "bias must be a torch.Tensor or None"),
+        ("empty vocab", dict(weight=w[:0], bias=b[:0]), ValueError, "empty vocab"),
+    ], ok
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _bad_inputs()[0]])
+def test_validation_errors(case):
+    cases, ok = _bad_inputs()
+    _, change, exc, match = next(c for c in cases if c[0] == case)
+    args = {**ok, **change}
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(args["hidden"], args["weight"], args["labels"], bias=args["bias"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(shift=-1), ValueError, "shift must be >= 0"),
+        (dict(shift=1.0), TypeError, "shift must be a non-negative int"),
+        (dict(shift=True), TypeError, "shift must be a non-negative int"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(ignore_index=-100.0), TypeError, "ignore_index must be an int"),
+        (dict(impl="cuda"), ValueError, "impl must be one of"),
+    ],
+)
+def test_argument_errors(kwargs, exc, match):
+    h, w, b, y, _ = make_inputs((2, 5), 16, 10, torch.float32, DEVICE, seed=11)
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(h, w, y, bias=b, **kwargs)
+
+
+def test_shift_needs_rows():
+    h, w, b, y, _ = make_inputs((7,), 16, 10, torch.float32, DEVICE, seed=12)
+    with pytest.raises(ValueError, match=r"shift=1 needs hidden of shape \(B, N, H\)"):
+        linear_cross_entropy(h, w, y, shift=1)
+    linear_cross_entropy(h, w, y, shift=0)  # fine
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU-only rule")
+def test_float64_only_with_torch_impl():
+    h, w, b, y, _ = make_inputs((7,), 16, 10, torch.float64, "cpu", seed=13)
+    linear_cross_entropy(h, w, y, impl="torch")
+    with pytest.raises(TypeError, match="hidden must be one of"):
+        linear_cross_entropy(h, w, y, impl="triton")
+
+
+# ---------------------------------------------------------------- custom ops and compile
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl, with_bias):
+    hidden, weight, bias, labels, up = make_inputs((40,), 32, 100, torch.float32, DEVICE, seed=14, bias=with_bias)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    if bias is not None:
+        bias.requires_grad_()
+    torch.library.opcheck(op.linear_cross_entropy_fwd, (hidden, weight, bias, labels, IGNORE, impl))
+    loss, lse = op.linear_cross_entropy_fwd(hidden, weight, bias, labels, IGNORE, impl)
+    args = (up.float(), hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels,
+            lse, IGNORE, impl)
+    torch.library.opcheck(op.linear_cross_entropy_bwd, args)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_torch_compile_fullgraph(impl):
+    hidden, weight, bias, labels, up = make_inputs((2, 25), 64, 300, torch.float32, DEVICE, seed=15)
+
+    def loss_fn(h, w, b):
+        return linear_cross_entropy(h, w, labels, bias=b, shift=1, impl=impl) * 2.0
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    eager = run_with_grads(loss_fn, hidden, weight, bias, up)
+    traced = run_with_grads(compiled, hidden, weight, bias, up)
+    for name, a, b in zip(NAMES, eager, traced):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_peak_memory_below_the_logits_avoided():
+    """Forward + backward at a vocab-sized shape: the memory the op adds on top of its inputs
+    (gradients and every scratch buffer included) stays below the fp32 logits of the counted rows."""
+    T, H, V = 8192, 1024, 65536
+    hidden, weight, _, labels, _ = make_inputs((T,), H, V, torch.bfloat16, "cuda", seed=16, ignore_frac=0.6,
+                                               bias=False)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    counted = int((labels != IGNORE).sum())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    linear_cross_entropy(hidden, weight, labels).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    logits = counted * V * 4
+    assert extra < logits, f"peak extra {extra / 2**20:.0f} MiB >= logits avoided {logits / 2**20:.0f} MiB"
