@@ -1,9 +1,11 @@
-"""Command line: ``cocoa demo``."""
+"""Command line: ``cocoa demo``, ``cocoa train``, ``cocoa embed``, ``cocoa kernels-demo``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,7 +19,7 @@ def _bridge_batch(rows: int, samples: int, a_len: int, b_len: int):
     return seg.expand(rows, -1).contiguous(), is_target.expand(rows, -1).contiguous()
 
 
-def demo(args) -> int:
+def kernels_demo(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     seg, is_target = _bridge_batch(args.rows, args.samples, args.a_len, args.b_len)
@@ -46,7 +48,7 @@ def demo(args) -> int:
     a_q = (~is_target[0]).nonzero()[0].item()
     b_q = is_target[0].nonzero()[0].item()
     eos = args.a_len - 1
-    print(f"cocoa demo: EOS-bridge attention on {device} ({dtype}), impl={args.impl or 'auto'}")
+    print(f"cocoa kernels-demo: EOS-bridge attention on {device} ({dtype}), impl={args.impl or 'auto'}")
     print(f"  batch: {B} rows x {N} tokens = {args.samples} samples/row of [A {args.a_len} (ends in <EOS>) + B {args.b_len}]")
     print(f"  heads: q {Hq}, kv {Hkv} (grouped), head dim {D}")
     print(f"  mask: {visible:,} visible (query, key) pairs = {visible / (B * N * N):.1%} of dense, "
@@ -59,15 +61,95 @@ def demo(args) -> int:
     return 0
 
 
+def demo(args) -> int:
+    from .demo import format_table, run_demo
+
+    report = run_demo(args.out, steps=tuple(args.steps), batch_size=args.batch_size, train_size=args.train_size,
+                      eval_size=args.eval_size, seed=args.seed)
+    print()
+    print(f"cocoa demo on {report['device']} ({report['attn_implementation']}), {report['wall_s']} s; "
+          f"steps per stage {report['config']['steps']} vs contrastive only {sum(report['config']['steps'])}")
+    print(format_table(report))
+    print(f"report: {Path(args.out) / 'report.json'}" + (f", plot: {report['plot']}" if report.get("plot") else ""))
+    return 0
+
+
+def train(args) -> int:
+    from .train import StageConfig
+
+    if args.config:
+        spec = json.loads(Path(args.config).read_text())
+        stages = [StageConfig(**s) for s in spec.pop("stages")]
+        model_src, data_src, out = spec.get("model", "tiny"), spec.get("data", "builtin"), spec.get("out", args.out)
+    else:
+        if args.stage is None:
+            raise SystemExit("cocoa train: give --stage (1, 2 or 3) or --config FILE")
+        stages = [StageConfig(stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr)]
+        model_src, data_src, out = args.model, args.data, args.out
+    if out is None:
+        raise SystemExit("cocoa train: give --out DIR (or 'out' in the config)")
+    from .train import train_from_sources
+
+    results = train_from_sources(stages, model_src, data_src, out, init=args.init)
+    for stage, result in results.items():
+        print(f"stage {stage}: {result['steps']} steps, loss {result['loss'][0]:.4f} -> {result['loss'][-1]:.4f}")
+    return 0
+
+
+def embed(args) -> int:
+    from .data import load_jsonl
+    from .embed import Embedder
+
+    embedder = Embedder.from_pretrained(args.model)
+    samples = load_jsonl(args.data)
+    items = [{k: v for k, v in (("image", s.image), ("text", s.text)) if v is not None} for s in samples]
+    vectors = embedder.encode(items, instruction=args.instruction, batch_size=args.batch_size, show_progress=True)
+    torch.save(vectors, args.out)
+    print(f"{vectors.shape[0]} embeddings of dim {vectors.shape[1]} -> {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cocoa", description="CoCoA kernels and training layer")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the EOS-bridge attention on an example packed batch")
+
+    p = sub.add_parser("demo", help="train a tiny model with CoCoA and contrastive-only, compare recall")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, nargs=3, default=[40, 40, 60], metavar=("S1", "S2", "S3"))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--train-size", type=int, default=2048)
+    p.add_argument("--eval-size", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=demo)
+
+    p = sub.add_parser("train", help="run one CoCoA stage, or a chain of stages from --config")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3])
+    p.add_argument("--model", default="tiny", help="'tiny' (built-in, random weights) or a local model folder")
+    p.add_argument("--data", default="builtin", help="a JSONL file, or 'builtin' (synthetic shapes)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--init", default=None, help="a previous stage's output folder (DIR/final) to start from")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--config", default=None, help='JSON: {"model", "data", "out", "stages": [{"stage": 1, ...}]}')
+    p.set_defaults(fn=train)
+
+    p = sub.add_parser("embed", help="embed the samples of a JSONL file with a trained model folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="a .pt file for the (N, dim) tensor")
+    p.add_argument("--instruction", default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(fn=embed)
+
+    p = sub.add_parser("kernels-demo", help="run the EOS-bridge attention on an example packed batch")
     p.add_argument("--rows", type=int, default=2)
     p.add_argument("--samples", type=int, default=4, help="samples packed per row")
     p.add_argument("--a-len", type=int, default=96, help="block A tokens per sample, EOS included")
     p.add_argument("--b-len", type=int, default=32, help="block B (target) tokens per sample")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--impl", choices=["triton", "torch"], default=None)
+    p.set_defaults(fn=kernels_demo)
+
     args = parser.parse_args(argv)
-    return demo(args)
+    return args.fn(args)

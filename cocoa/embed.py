@@ -50,9 +50,7 @@ class Embedder:
             tokenizer = AutoTokenizer.from_pretrained(path_or_config)
         if image_processor is None and getattr(model.config, "vision_config", None) is not None:
             if is_path:
-                from transformers import AutoImageProcessor
-
-                image_processor = AutoImageProcessor.from_pretrained(path_or_config)
+                image_processor = load_image_processor(path_or_config)
             else:
                 image_processor = default_image_processor()
         return cls(model, tokenizer, image_processor)
@@ -105,6 +103,18 @@ def pool_eos(backbone, batch: dict, device) -> torch.Tensor:
     hidden = backbone(**batch, use_cache=False).last_hidden_state
     eos = hidden[torch.arange(hidden.shape[0], device=device), eos_index]
     return F.normalize(eos.float(), dim=-1)
+
+
+def load_image_processor(path):
+    """The image processor saved in ``path``; without torchvision, the PIL-based Qwen2-VL one."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except ImportError:  # the default backend wants torchvision
+        from transformers import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil.from_pretrained(path)
 
 
 def default_image_processor(max_pixels: int = 448 * 448):

@@ -14,8 +14,6 @@ loss scores the hidden state just before it, so the first token of an input is n
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 from cocoa_kernels import KeyRanges
@@ -24,11 +22,12 @@ from .encoding import IGNORE, InputEncoder, batch_rows, embedding_batch, pack_ro
 from .sample import Sample
 
 
-def _choose(rng: random.Random, candidates: list[int], rate: float) -> list[int]:
+def _choose(gen: torch.Generator | None, candidates: list[int], rate: float) -> list[int]:
     if not candidates or rate <= 0:
         return []
     k = min(len(candidates), max(1, round(rate * len(candidates))))
-    return sorted(rng.sample(candidates, k))
+    picked = torch.randperm(len(candidates), generator=gen)[:k].tolist()
+    return sorted(candidates[i] for i in picked)
 
 
 def _mask_token(encoder: InputEncoder, mask_token_id: int | None) -> int:
@@ -39,9 +38,12 @@ def _mask_token(encoder: InputEncoder, mask_token_id: int | None) -> int:
 
 
 class _Base:
+    """``seed=None`` draws from torch's global RNG, which the Trainer seeds and restores on resume
+    (so a resumed run masks exactly as the uninterrupted one); a seed gives a private generator."""
+
     def __init__(self, encoder: InputEncoder, *, seed: int | None = None):
         self.encoder = encoder
-        self.rng = random.Random(seed)
+        self.gen = None if seed is None else torch.Generator().manual_seed(seed)
 
 
 class Stage1Collator(_Base):
@@ -66,13 +68,13 @@ class Stage1Collator(_Base):
             if self.shift:
                 text_pos = [p for p in text_pos if p > 0]
             lab = [IGNORE] * len(enc.ids)
-            for p in _choose(self.rng, text_pos, self.text_rate):
+            for p in _choose(self.gen, text_pos, self.text_rate):
                 lab[p], enc.ids[p] = enc.ids[p], self.mask_id
             pix = [0] * len(enc.ids)
             sample_targets = None
             if enc.pixels is not None:
                 img_pos = [p for p, t in enumerate(enc.ids) if t == image_id]
-                chosen = _choose(self.rng, list(range(len(img_pos))), self.image_rate)
+                chosen = _choose(self.gen, list(range(len(img_pos))), self.image_rate)
                 groups = enc.pixels.view(len(img_pos), merge2 * enc.pixels.shape[-1])
                 sample_targets = groups[chosen].clone()
                 groups[chosen] = 0  # the vision tower sees blanked patches
@@ -113,7 +115,7 @@ class Stage2Collator(_Base):
             return [], ids
         if len(ids) < 2:
             return ids, []
-        cut = self.rng.randint(1, len(ids) - 1)
+        cut = int(torch.randint(1, len(ids), (1,), generator=self.gen))
         return ids[:cut], ids[cut:]
 
     def __call__(self, samples: list[Sample]) -> dict:
@@ -122,7 +124,7 @@ class Stage2Collator(_Base):
             a_ids, b_ids = self.split(s)
             enc = self.encoder.encode(s.image, text_ids=a_ids)  # block A, ending in <EOS>
             a_len = len(enc.ids)
-            chosen = set(_choose(self.rng, list(range(len(b_ids))), self.rate))
+            chosen = set(_choose(self.gen, list(range(len(b_ids))), self.rate))
             lab = [IGNORE] * a_len + [t if j in chosen else IGNORE for j, t in enumerate(b_ids)]
             enc.ids = enc.ids + [self.mask_id if j in chosen else t for j, t in enumerate(b_ids)]
             encoded.append(enc)

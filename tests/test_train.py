@@ -1,0 +1,82 @@
+"""Stage runner, resume, the train CLI and the demo, on the tiny built-in backbone (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+
+import cocoa
+from cocoa.cli import main
+from cocoa.data import ShapesDataset
+from cocoa.data.encoding import InputEncoder
+from cocoa.embed import default_image_processor
+from cocoa.model import CocoaModel
+from cocoa.tiny import char_tokenizer, tiny_config
+from cocoa.train import StageConfig, run_stage
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    encoder = InputEncoder(char_tokenizer(), tiny_config(), default_image_processor())
+    return CocoaModel(cocoa.load_model(tiny_config())), encoder, ShapesDataset(64)
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg = StageConfig(stage=2, steps=4, batch_size=4, lr=1e-3, save_steps=2)
+    model, encoder, data = _setup()
+    full = run_stage(cfg, model, encoder, data, tmp_path / "run", resume=False)
+    assert full["steps"] == 4 and len(full["loss"]) == 4
+    assert (tmp_path / "run" / "checkpoint-2" / "backbone" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "final" / "heads.safetensors").is_file()
+
+    # Interrupted after step 2: drop what came later and resume with a freshly initialised model.
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "run" / "final")
+    loaded = []
+    original_load = CocoaModel.load
+    monkeypatch.setattr(CocoaModel, "load", lambda self, d: (loaded.append(str(d)), original_load(self, d))[1])
+    model2, _, _ = _setup(seed=123)
+    resumed = run_stage(cfg, model2, encoder, data, tmp_path / "run")
+    assert loaded == [str(tmp_path / "run" / "checkpoint-2")]  # weights from the last checkpoint
+    assert resumed["steps"] == 4 and len(resumed["loss"]) == 4
+    assert resumed["loss"][:2] == full["loss"][:2]  # the log up to the checkpoint comes back with it
+    # steps 3-4 start from the checkpointed weights: their loss is that run's, not a fresh model's
+    assert abs(resumed["loss"][2] - full["loss"][2]) < 0.1 * full["loss"][2]
+
+
+def test_train_cli_chains_stages_from_a_config(tmp_path):
+    config = {"model": "tiny", "data": "builtin", "out": str(tmp_path / "chain"),
+              "stages": [{"stage": 1, "steps": 2, "batch_size": 4, "lr": 1e-3},
+                         {"stage": 2, "steps": 2, "batch_size": 4, "lr": 1e-3},
+                         {"stage": 3, "steps": 2, "batch_size": 4, "lr": 1e-4}]}
+    path = tmp_path / "chain.json"
+    path.write_text(json.dumps(config))
+    assert main(["train", "--config", str(path)]) == 0
+    for stage in (1, 2, 3):
+        record = json.loads((tmp_path / "chain" / f"stage{stage}" / "final" / "stage.json").read_text())
+        assert record["steps"] == 2 and len(record["loss"]) == 2
+    # the last stage's folder is a loadable embedding model
+    out = tmp_path / "vectors.pt"
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "one small red circle at the top left"}\n{"text": "two blue squares"}\n')
+    assert main(["embed", "--model", str(tmp_path / "chain" / "stage3" / "final" / "backbone"),
+                 "--data", str(data), "--out", str(out)]) == 0
+    vectors = torch.load(out)
+    assert vectors.shape == (2, 64)
+
+
+def test_demo_writes_the_report(tmp_path):
+    from cocoa.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", steps=(1, 1, 2), batch_size=4, train_size=32, eval_size=12)
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert saved["attn_implementation"] == "cocoa_triton" and saved["device"] == "cpu"
+    cocoa_run, baseline = saved["runs"]["cocoa"], saved["runs"]["contrastive_only"]
+    assert set(cocoa_run["stages"]) == {"1", "2", "3"} and set(baseline["stages"]) == {"3"}
+    assert [cocoa_run["stages"][s]["steps"] for s in "123"] == [1, 1, 2] and baseline["stages"]["3"]["steps"] == 4
+    for run in (cocoa_run, baseline):
+        assert set(run["recall"]) == {"t2i@1", "t2i@5", "i2t@1", "i2t@5"}
+        assert all(0.0 <= v <= 1.0 for v in run["recall"].values())
+    assert report["plot"] and (tmp_path / "demo" / "curves.png").is_file()
