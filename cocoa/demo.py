@@ -29,14 +29,16 @@ def _fresh_model(seed: int, device) -> CocoaModel:
     return CocoaModel(load_model(tiny_config())).to(device)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", *, steps=(40, 40, 60), batch_size: int = 16, train_size: int = 2048,
-             eval_size: int = 200, seed: int = 0, lr: float = 1e-3, contrastive_lr: float = 3e-4) -> dict:
+def run_demo(out_dir: str | Path = "runs/demo", *, steps=(30, 30, 40), batch_size: int = 16, train_size: int = 2048,
+             eval_size: int = 200, image_size: int = 56, seed: int = 0, lr: float = 1e-3,
+             contrastive_lr: float = 3e-4) -> dict:
     start = time.time()
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, processor = char_tokenizer(), default_image_processor()
     encoder = InputEncoder(tokenizer, tiny_config(), processor)
-    train, held_out = ShapesDataset(train_size, seed=seed), ShapesDataset(eval_size, split="eval", seed=seed)
+    train = ShapesDataset(train_size, size=image_size, seed=seed)
+    held_out = ShapesDataset(eval_size, split="eval", size=image_size, seed=seed)
     eval_samples = [held_out[i] for i in range(len(held_out))]
 
     def evaluate(model: CocoaModel) -> dict:
@@ -62,7 +64,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, steps=(40, 40, 60), batch_siz
         "attn_implementation": ATTN_IMPLEMENTATION,
         "wall_s": round(time.time() - start, 1),
         "config": {"steps": list(steps), "batch_size": batch_size, "train_size": train_size,
-                   "eval_size": eval_size, "seed": seed, "lr": lr, "contrastive_lr": contrastive_lr},
+                   "eval_size": eval_size, "image_size": image_size, "seed": seed, "lr": lr, "contrastive_lr": contrastive_lr},
         "runs": {
             "cocoa": {"stages": cocoa_stages, "recall": cocoa_recall},
             "contrastive_only": {"stages": {"3": baseline_stage}, "recall": baseline_recall},

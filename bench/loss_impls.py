@@ -1,0 +1,130 @@
+"""One adapter per linear cross-entropy implementation: ``call(weight, x)`` -> mean loss over the
+counted rows of ``x.hidden`` (T, H) against ``x.labels`` (T,) (-100 = not counted).
+
+- ``cocoa``: ``cocoa_kernels.linear_cross_entropy`` (compacts the counted rows, no logits).
+- ``torch_compact``: plain PyTorch that keeps only the counted rows first:
+  ``hidden[labels != -100] @ W.T`` (bf16 logits of those rows), then ``F.cross_entropy`` on the
+  logits upcast to fp32.
+- ``torch_full``: plain PyTorch as transformers' causal-LM loss does it: logits of every row
+  ``hidden @ W.T`` upcast to fp32, ``F.cross_entropy(..., ignore_index=-100)``.
+- ``liger``: Liger Kernel's ``LigerFusedLinearCrossEntropyLoss(ignore_index=-100,
+  reduction="mean")(W, hidden, labels)`` (chunked logits of every row; computes the gradients
+  during the forward, so its fwd/bwd split is not comparable: compare fwd+bwd).
+- ``cut_cross_entropy``: ``cut_cross_entropy.linear_cross_entropy(hidden, W, labels,
+  ignore_index=-100, reduction="mean")`` with its defaults (impl "cce", gradient filtering on).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from .measure import Prepared, Unavailable
+from .workloads import IGNORE_INDEX, LossInputs, LossWorkload
+
+
+def _scalar(out) -> torch.Tensor:
+    """The loss from whatever a peer returns: a tensor, a (loss, ...) tuple or an object with .loss."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    raise TypeError(f"cannot find the loss in a {type(out).__name__}")
+
+
+def _require(module: str, dist: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise Unavailable(f"not installed: {dist}")
+
+
+def _require_cuda(device) -> None:
+    if device.type != "cuda":
+        raise Unavailable("needs CUDA: Triton kernels (smoke run on CPU)")
+
+
+class CocoaLoss:
+    name = "cocoa"
+    ours = True
+
+    def prepare(self, w: LossWorkload, device) -> Prepared:
+        try:
+            from cocoa_kernels import linear_cross_entropy
+        except Exception as e:  # the loss is developed separately; rows say so until it lands
+            raise Unavailable(f"not available: cocoa_kernels.linear_cross_entropy ({type(e).__name__}: {e})") from e
+        from cocoa_kernels._backend import interpreting
+
+        impl = "triton" if device.type == "cuda" or interpreting() else "torch"
+
+        def call(weight, x: LossInputs):
+            return linear_cross_entropy(x.hidden, weight, x.labels, ignore_index=IGNORE_INDEX, impl=impl)
+
+        return Prepared(call, info={"detail": f"cocoa_kernels.linear_cross_entropy(impl={impl!r})"})
+
+
+class TorchCompact:
+    name = "torch_compact"
+    ours = False
+
+    def prepare(self, w: LossWorkload, device) -> Prepared:
+        def call(weight, x: LossInputs):
+            keep = x.labels != IGNORE_INDEX
+            logits = x.hidden[keep] @ weight.T
+            return F.cross_entropy(logits.float(), x.labels[keep])
+
+        return Prepared(call, info={"detail": "hidden[labels != -100] @ W.T, then F.cross_entropy on fp32 logits "
+                                              "(logits of the counted rows only)"})
+
+
+class TorchFull:
+    name = "torch_full"
+    ours = False
+
+    def prepare(self, w: LossWorkload, device) -> Prepared:
+        def call(weight, x: LossInputs):
+            logits = x.hidden @ weight.T
+            return F.cross_entropy(logits.float(), x.labels, ignore_index=IGNORE_INDEX)
+
+        return Prepared(call, info={"detail": "hidden @ W.T for every row, fp32 upcast, "
+                                              "F.cross_entropy(ignore_index=-100) (transformers' default loss)"})
+
+
+class Liger:
+    name = "liger"
+    ours = False
+
+    def prepare(self, w: LossWorkload, device) -> Prepared:
+        _require("liger_kernel", "liger-kernel")
+        _require_cuda(device)
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+
+        def call(weight, x: LossInputs):
+            return _scalar(loss_fn(weight, x.hidden, x.labels))
+
+        return Prepared(call, info={"detail": "LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction='mean')"
+                                              "(W, hidden, labels); gradients computed in its forward"})
+
+
+class CutCrossEntropy:
+    name = "cut_cross_entropy"
+    ours = False
+
+    def prepare(self, w: LossWorkload, device) -> Prepared:
+        _require("cut_cross_entropy", "cut-cross-entropy")
+        _require_cuda(device)
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        def call(weight, x: LossInputs):
+            return _scalar(cce(x.hidden, weight, x.labels, ignore_index=IGNORE_INDEX, reduction="mean"))
+
+        return Prepared(call, info={"detail": "cut_cross_entropy.linear_cross_entropy(hidden, W, labels, "
+                                              "ignore_index=-100, reduction='mean'), default impl and filter_eps"})
+
+
+IMPLS = {impl.name: impl for impl in (CocoaLoss(), TorchCompact(), TorchFull(), Liger(), CutCrossEntropy())}
