@@ -312,35 +312,45 @@ def key_tile_bounds(lo: torch.Tensor, hi: torch.Tensor, block_m: int, block_n: i
 
     ``hi`` must already have any causal limit folded in. Returns int32 (B, n_key_tiles, 4):
     ``[q_begin, full_begin, full_end, q_end)`` in query rows (multiples of ``block_m``, except
-    that ``q_end`` may stop at a partial last tile). Query tiles in ``[q_begin, q_end)`` touch
-    the key tile; those in ``[full_begin, full_end)`` lie inside the row and see it whole in
-    every row that sees anything, so the kernel skips element masking there. Everything is
-    tensor work on the mask's device: no host synchronisation.
+    that ``q_end`` may stop at a partial last tile, and that ``full_begin == full_end == q_end``
+    when no tile is full). Query tiles in ``[q_begin, q_end)`` include every tile with a row that
+    sees the key tile; those in ``[full_begin, full_end)`` lie inside the row and see it whole in
+    every row that sees anything, so the kernel skips element masking there.
+
+    O(B (nq + nk)): monotone envelopes of the per-tile statistics plus binary searches. For the
+    masks CoCoA uses (causal/bidirectional segments, EOS bridge, windows) the per-tile bounds are
+    non-decreasing and the result is exact; for any other interval mask it is a conservative
+    cover (extra tiles run masked, never the other way round). No host synchronisation.
     """
     B, N = lo.shape
-    nq = -(-N // block_m)
     nk = -(-N // block_n)
     min_lo, max_hi, max_lo, min_hi = _query_tile_stats(lo, hi, block_m)
-    k0 = torch.arange(nk, device=lo.device) * block_n
+    k0 = (torch.arange(nk, device=lo.device) * block_n).expand(B, nk).contiguous()
     k1 = k0 + block_n
-    touch = (min_lo[:, :, None] < k1) & (max_hi[:, :, None] > k0)  # (B, nq, nk)
-    # A partial last query tile is never "full": unmasked loads must stay inside the row.
-    q_whole = (torch.arange(1, nq + 1, device=lo.device) * block_m <= N)[None, :, None]
-    full = touch & q_whole & (max_lo[:, :, None] <= k0) & (min_hi[:, :, None] >= k1)
 
-    idx = torch.arange(nq, device=lo.device)[None, :, None]
-    any_touch = touch.any(1)
-    q_begin = torch.where(touch, idx, nq).amin(1)
-    q_end = torch.where(touch, idx, -1).amax(1) + 1
-    q_begin = torch.where(any_touch, q_begin, 0)
-    q_end = torch.where(any_touch, q_end, 0)
-    # The first contiguous run of full query tiles (for the masks above it is the only one).
-    any_full = full.any(1)
-    f_begin = torch.where(full, idx, nq).amin(1)
-    after = idx >= f_begin[:, None, :]
-    run = torch.cumprod(torch.where(after, full, True).to(torch.int32), dim=1)
-    f_end = f_begin + (run.bool() & after).sum(1)
-    f_begin = torch.where(any_full, f_begin, q_end)
-    f_end = torch.where(any_full, f_end, q_end)
+    def searchsorted(sorted_rows, values, right):
+        return torch.searchsorted(sorted_rows.contiguous(), values, right=right)
+
+    # A tile m can touch key tile t only if max_hi[m] > k0 and min_lo[m] < k1. Every tile before
+    # the first whose running max of max_hi passes k0 fails the first test; every tile from the
+    # first whose suffix min of min_lo reaches k1 fails the second.
+    run_max_hi = max_hi.cummax(dim=1).values
+    suf_min_lo = min_lo.flip(1).cummin(dim=1).values.flip(1)
+    q_begin = searchsorted(run_max_hi, k0, right=True)
+    q_end = searchsorted(suf_min_lo, k1, right=False)
+    untouched = q_end <= q_begin
+    q_begin = torch.where(untouched, 0, q_begin)
+    q_end = torch.where(untouched, 0, q_end)
+    # Full tiles: max_lo[m] <= k0 for a prefix of tiles (running max) and min_hi[m] >= k1 for a
+    # suffix (suffix min); the partial last query tile never counts (unmasked loads stay in the row).
+    run_max_lo = max_lo.cummax(dim=1).values
+    suf_min_hi = min_hi.flip(1).cummin(dim=1).values.flip(1)
+    f_end = searchsorted(run_max_lo, k0, right=True)
+    f_begin = searchsorted(suf_min_hi, k1, right=False)
+    f_begin = torch.maximum(f_begin, q_begin)
+    f_end = torch.minimum(torch.minimum(f_end, q_end), torch.full_like(f_end, N // block_m))
+    no_full = f_end <= f_begin
+    f_begin = torch.where(no_full, q_end, f_begin)
+    f_end = torch.where(no_full, q_end, f_end)
     rows = torch.stack([q_begin, f_begin, f_end, q_end], dim=-1) * block_m
     return rows.clamp_(max=N).to(torch.int32).contiguous()

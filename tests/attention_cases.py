@@ -6,7 +6,7 @@ import torch
 
 from cocoa_kernels import KeyRanges
 
-FAMILIES = ("causal_packed", "bidir_packed", "eos_bridge", "sliding_window", "padding_rows")
+FAMILIES = ("causal_packed", "bidir_packed", "eos_bridge", "sliding_window", "padding_rows", "random_intervals")
 
 
 def packed_segments(N: int, gen: torch.Generator, pad: int = 0, max_len: int = 40) -> torch.Tensor:
@@ -64,6 +64,11 @@ def make_mask(family: str, B: int, N: int, seed: int = 0) -> KeyRanges:
         seg[0] = -1
         seg[1, : N // 3] = -1
         return KeyRanges.from_segments(seg)
+    if family == "random_intervals":
+        # No structure at all (not monotone, empty rows included): tile bounds must still cover.
+        a = torch.randint(0, N + 1, (B, N), generator=gen)
+        b = torch.randint(0, N + 1, (B, N), generator=gen)
+        return KeyRanges(torch.minimum(a, b), torch.maximum(a, b))
     raise ValueError(family)
 
 

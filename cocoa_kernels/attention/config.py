@@ -36,7 +36,7 @@ _GPU_16BIT = {
     64: AttentionConfig(
         fwd=KernelConfig(128, 64, num_warps=4, num_stages=3),
         dq=KernelConfig(128, 32, num_warps=4, num_stages=3),
-        dkdv=KernelConfig(32, 128, num_warps=4, num_stages=3),
+        dkdv=KernelConfig(32, 128, num_warps=8, num_stages=3),  # 4 warps spill at D = 64 (sm_90 compile)
     ),
     128: AttentionConfig(
         fwd=KernelConfig(128, 64, num_warps=8, num_stages=3),
@@ -44,12 +44,13 @@ _GPU_16BIT = {
         dkdv=KernelConfig(32, 128, num_warps=8, num_stages=2),
     ),
 }
-# fp32 tiles take twice the bytes: halve them so the same budget holds (fp32 is for checking
-# and small runs, not for speed).
+# fp32 is for checking and small runs, not speed. Its products use "tf32x3" (three TF32 tensor-core
+# products, about fp32 accuracy): exact-fp32 "ieee" dots fall back to FMA loops on Hopper, spill
+# tens of KB of registers and take minutes to compile. Small tiles keep the split operands in budget.
 _GPU_FP32 = AttentionConfig(
-    fwd=KernelConfig(64, 32, num_warps=4, num_stages=2),
-    dq=KernelConfig(64, 32, num_warps=4, num_stages=2),
-    dkdv=KernelConfig(32, 64, num_warps=4, num_stages=2),
+    fwd=KernelConfig(32, 32, num_warps=4, num_stages=2),
+    dq=KernelConfig(32, 32, num_warps=4, num_stages=2),
+    dkdv=KernelConfig(32, 32, num_warps=4, num_stages=2),
 )
 
 _override: AttentionConfig | None = None

@@ -5,8 +5,8 @@ Two kernels, no atomics, so gradients are bitwise deterministic run to run:
 1. ``_attn_bwd_dq_kernel``: one program per query tile and query head. It first writes
    ``delta = rowsum(dO * O)`` for its rows (the dK/dV kernel reads it), then walks the same key
    tiles as the forward (masked edges, unmasked middle) and accumulates dQ.
-2. ``_attn_bwd_dkdv_kernel``: one program per key tile and *K/V head*. It loops over the query
-   heads of its group and, for each, over the query tiles that see the key tile (bounds from
+2. ``_attn_bwd_dkdv_kernel``: one program per key tile and *K/V head*. It loops over the pairs
+   (query tile that sees the key tile, query head of its group) (bounds from
    ``mask.key_tile_bounds``), accumulating dK and dV in registers: grouped-query attention never
    materialises repeated K/V, and no two programs write the same dK/dV element.
 
@@ -111,25 +111,30 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base, lo_base, hi_base,
-    cols, offs_m, offs_d, start, end, N, D, scale_log2,
+    dk, dv, k, v, q_head0, do_head0, stride_qh, stride_qn, stride_doh, stride_don, lse_head0, delta_head0,
+    lo_base, hi_base, cols, offs_m, offs_d, start, end, GROUP, N, D, scale_log2,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    q_ptrs = q_base + start.to(tl.int64) * stride_qn
-    do_ptrs = do_base + start.to(tl.int64) * stride_don
-    for start_m in range(start, end, BLOCK_M):
+    # One flat loop over (query tile, query head of the group) pairs. A head loop around the
+    # pipelined tile loop made ptxas spill at GROUP > 1 on sm_90; the mask does not depend on the
+    # head, so the masked/unmasked split is the same for every pair.
+    zero64 = start.to(tl.int64) * 0
+    for it in range(0, tl.cdiv(end - start, BLOCK_M) * GROUP):
+        g = zero64 + it % GROUP
+        start_m = start + (it // GROUP) * BLOCK_M
+        row0 = start_m.to(tl.int64)
         rows = start_m + offs_m
-        q = load_tile(q_ptrs, rows, offs_d, N, D, MASKED, EVEN_D)
-        do = load_tile(do_ptrs, rows, offs_d, N, D, MASKED, EVEN_D)
-        q_ptrs += BLOCK_M * stride_qn
-        do_ptrs += BLOCK_M * stride_don
+        q = load_tile(q_head0 + g * stride_qh + row0 * stride_qn, rows, offs_d, N, D, MASKED, EVEN_D)
+        do = load_tile(do_head0 + g * stride_doh + row0 * stride_don, rows, offs_d, N, D, MASKED, EVEN_D)
+        lse_ptrs = lse_head0 + g * N + rows
+        delta_ptrs = delta_head0 + g * N + rows
         if MASKED:
             row_ok = rows < N
-            lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+            lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
         else:
-            lse = tl.load(lse_base + rows)
-            delta = tl.load(delta_base + rows)
+            lse = tl.load(lse_ptrs)
+            delta = tl.load(delta_ptrs)
         # [BLOCK_N, BLOCK_D] @ [BLOCK_D, BLOCK_M] -> [BLOCK_N, BLOCK_M]  (scores, transposed)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
         if MASKED:
@@ -183,21 +188,20 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, GROUP):
-        h = h_kv * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        do_base = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
-        lse_base = Lse + (b * H_Q + h) * N
-        delta_base = Delta + (b * H_Q + h) * N
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-                             lo_base, hi_base, cols, offs_m, offs_d, q_begin, full_begin, N, D, scale_log2,
-                             BLOCK_M, True, EVEN_D, DOT_PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-                             lo_base, hi_base, cols, offs_m, offs_d, full_begin, full_end, N, D, scale_log2,
-                             BLOCK_M, False, EVEN_D, DOT_PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-                             lo_base, hi_base, cols, offs_m, offs_d, full_end, q_end, N, D, scale_log2,
-                             BLOCK_M, True, EVEN_D, DOT_PRECISION)
+    h0 = h_kv * GROUP  # first query head of this K/V head's group
+    q_head0 = Q + b * stride_qb + h0 * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    do_head0 = DO + b * stride_dob + h0 * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    lse_head0 = Lse + (b * H_Q + h0) * N
+    delta_head0 = Delta + (b * H_Q + h0) * N
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_head0, do_head0, stride_qh, stride_qn, stride_doh, stride_don,
+                         lse_head0, delta_head0, lo_base, hi_base, cols, offs_m, offs_d, q_begin, full_begin,
+                         GROUP, N, D, scale_log2, BLOCK_M, True, EVEN_D, DOT_PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_head0, do_head0, stride_qh, stride_qn, stride_doh, stride_don,
+                         lse_head0, delta_head0, lo_base, hi_base, cols, offs_m, offs_d, full_begin, full_end,
+                         GROUP, N, D, scale_log2, BLOCK_M, False, EVEN_D, DOT_PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_head0, do_head0, stride_qh, stride_qn, stride_doh, stride_don,
+                         lse_head0, delta_head0, lo_base, hi_base, cols, offs_m, offs_d, full_end, q_end,
+                         GROUP, N, D, scale_log2, BLOCK_M, True, EVEN_D, DOT_PRECISION)
 
     out_mask = (cols[:, None] < N) & (offs_d[None, :] < D)
     dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + cols64 * stride_dkn + offs_d[None, :] * stride_dkd
