@@ -115,9 +115,9 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("demo", help="train a tiny model with CoCoA and contrastive-only, compare recall")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, nargs=3, default=[30, 30, 40], metavar=("S1", "S2", "S3"))
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--train-size", type=int, default=2048)
+    p.add_argument("--steps", type=int, nargs=3, default=[100, 100, 300], metavar=("S1", "S2", "S3"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train-size", type=int, default=4096)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=demo)

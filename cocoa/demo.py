@@ -29,15 +29,16 @@ def _fresh_model(seed: int, device) -> CocoaModel:
     return CocoaModel(load_model(tiny_config())).to(device)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", *, steps=(30, 30, 40), batch_size: int = 16, train_size: int = 2048,
-             eval_size: int = 200, image_size: int = 56, seed: int = 0, lr: float = 1e-3,
-             contrastive_lr: float = 3e-4) -> dict:
+def run_demo(out_dir: str | Path = "runs/demo", *, steps=(100, 100, 300), batch_size: int = 32,
+             train_size: int = 4096, eval_size: int = 200, image_size: int = 56, seed: int = 0,
+             lr: float = 1e-3, contrastive_lr: float = 1e-3) -> dict:
     start = time.time()
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, processor = char_tokenizer(), default_image_processor()
     encoder = InputEncoder(tokenizer, tiny_config(), processor)
-    train = ShapesDataset(train_size, size=image_size, seed=seed)
+    caption = ShapesDataset(train_size, size=image_size, seed=seed)
+    retrieval = ShapesDataset(train_size, size=image_size, seed=seed, task="retrieval")
     held_out = ShapesDataset(eval_size, split="eval", size=image_size, seed=seed)
     eval_samples = [held_out[i] for i in range(len(held_out))]
 
@@ -51,12 +52,14 @@ def run_demo(out_dir: str | Path = "runs/demo", *, steps=(30, 30, 40), batch_siz
         StageConfig(stage=3, steps=s3, batch_size=batch_size, lr=contrastive_lr, seed=seed),
     ]
     cocoa_model = _fresh_model(seed, device)
-    cocoa_stages = run_pipeline(stages, cocoa_model, encoder, train, out_dir / "cocoa", resume=False)
+    cocoa_stages = run_pipeline(stages, cocoa_model, encoder, {1: caption, 2: caption, 3: retrieval},
+                                out_dir / "cocoa", resume=False)
     cocoa_recall = evaluate(cocoa_model)
 
     baseline_cfg = StageConfig(stage=3, steps=s1 + s2 + s3, batch_size=batch_size, lr=contrastive_lr, seed=seed)
     baseline_model = _fresh_model(seed, device)
-    baseline_stage = run_stage(baseline_cfg, baseline_model, encoder, train, out_dir / "contrastive_only", resume=False)
+    baseline_stage = run_stage(baseline_cfg, baseline_model, encoder, retrieval, out_dir / "contrastive_only",
+                               resume=False)
     baseline_recall = evaluate(baseline_model)
 
     report = {

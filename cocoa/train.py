@@ -124,10 +124,12 @@ def run_stage(cfg: StageConfig, model: CocoaModel, encoder: InputEncoder, datase
 
 def run_pipeline(stages: list[StageConfig], model: CocoaModel, encoder: InputEncoder, dataset, out_dir,
                  **kwargs) -> dict:
-    """Stages in order, each from the previous one's weights (the model is trained in place)."""
+    """Stages in order, each from the previous one's weights (the model is trained in place).
+    ``dataset``: one for every stage, or a dict from stage number to its dataset."""
     results = {}
     for cfg in stages:
-        results[str(cfg.stage)] = run_stage(cfg, model, encoder, dataset, Path(out_dir) / f"stage{cfg.stage}", **kwargs)
+        data = dataset[cfg.stage] if isinstance(dataset, dict) else dataset
+        results[str(cfg.stage)] = run_stage(cfg, model, encoder, data, Path(out_dir) / f"stage{cfg.stage}", **kwargs)
     return results
 
 
@@ -157,7 +159,10 @@ def train_from_sources(stages: list[StageConfig], model_src: str, data_src: str,
         model.load(init)
     if torch.cuda.is_available():
         model = model.cuda()
-    dataset = ShapesDataset(4096) if data_src == "builtin" else load_jsonl(data_src)
+    if data_src == "builtin":
+        dataset = {1: ShapesDataset(4096), 2: ShapesDataset(4096), 3: ShapesDataset(4096, task="retrieval")}
+    else:
+        dataset = load_jsonl(data_src)
     encoder = InputEncoder(tokenizer, config, processor)
     results = run_pipeline(stages, model, encoder, dataset, out_dir)
     tokenizer.save_pretrained(Path(out_dir) / f"stage{stages[-1].stage}" / "final" / "backbone")

@@ -62,7 +62,9 @@ def test_shapes_are_deterministic_and_the_splits_disjoint():
     pairs = {(tuple(train[i].image.getdata()), train[i].text) for i in range(50)}
     assert not any((tuple(held_out[i].image.getdata()), held_out[i].text) in pairs for i in range(50))
     s = train[0]
-    assert s.image.size == (84, 84) and s.positive.text == s.text
+    assert s.image.size == (84, 84) and s.positive is None
+    r = ShapesDataset(50, task="retrieval")[0]  # stage 3: the image alone, its caption the positive
+    assert r.text is None and r.positive.text == s.text and list(r.image.getdata()) == list(s.image.getdata())
     assert len({train[i].text for i in range(50)}) > 25  # captions vary
     with pytest.raises(ValueError, match="split must be"):
         ShapesDataset(3, split="test")

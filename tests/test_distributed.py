@@ -21,7 +21,7 @@ def _model_and_batches(world: int):
     torch.manual_seed(0)
     model = CocoaModel(cocoa.load_model(tiny_config()))
     encoder = InputEncoder(char_tokenizer(), tiny_config(), default_image_processor())
-    data = ShapesDataset(6, seed=5)
+    data = ShapesDataset(6, seed=5, task="retrieval")
     samples = [data[i] for i in range(6)]
     collate = Stage3Collator(encoder)
     per_rank = len(samples) // world

@@ -22,8 +22,8 @@ def _model(seed=0):
     return CocoaModel(cocoa.load_model(tiny_config()))
 
 
-def _samples(n=4):
-    data = ShapesDataset(n, seed=3)
+def _samples(n=4, task="caption"):
+    data = ShapesDataset(n, seed=3, task=task)
     return [data[i] for i in range(n)]
 
 
@@ -31,7 +31,7 @@ def _samples(n=4):
 def test_a_few_steps_lower_the_loss(stage):
     model = _model()
     collate = {1: Stage1Collator(ENC, seed=0), 2: Stage2Collator(ENC, seed=0), 3: Stage3Collator(ENC)}[stage]
-    batch = collate(_samples())
+    batch = collate(_samples(task="retrieval" if stage == 3 else "caption"))
     # InfoNCE at temperature 0.02 has sharp logits: it wants a smaller step
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4 if stage == 3 else 3e-3)
     losses = []
@@ -53,7 +53,7 @@ def test_stage1_loss_has_text_and_image_parts():
 
 
 def test_gradient_caching_matches_the_plain_loss():
-    samples = _samples(5)
+    samples = _samples(5, task="retrieval")
     samples[0].negatives = [Sample(text="three small blue squares at the top left")]
     batch = Stage3Collator(ENC)(samples)
     plain, cached = _model(), _model()
@@ -65,7 +65,8 @@ def test_gradient_caching_matches_the_plain_loss():
         if a.grad is None:
             assert b.grad is None or not b.grad.any(), name
             continue
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 sums in another order: compare at the scale of each gradient tensor
+        assert (b.grad - a.grad).abs().max() <= 1e-5 * a.grad.abs().max() + 1e-8, name
 
 
 def test_info_nce_uses_temperature_and_hard_negatives():

@@ -21,16 +21,19 @@ _EVAL_OFFSET = 1_000_000
 class ShapesDataset:
     """``split="train"`` or ``"eval"``; ``len`` samples of ``size``-pixel images with captions.
 
-    Each item is a :class:`Sample` whose ``image`` is a PIL image, ``text`` the caption, and
-    ``positive`` the caption again as its own text sample (the stage-3 pair: image <-> caption).
+    ``task="caption"`` (stages 1 and 2, and evaluation): ``Sample(image, text=caption)``.
+    ``task="retrieval"`` (stage 3): ``Sample(image, positive=Sample(text=caption))``, so the query
+    is the image alone and its caption the positive. Sample ``i`` is the same image either way.
     """
 
-    def __init__(self, length: int, split: str = "train", size: int = 84, seed: int = 0):
+    def __init__(self, length: int, split: str = "train", size: int = 84, seed: int = 0, task: str = "caption"):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if task not in ("caption", "retrieval"):
+            raise ValueError(f"task must be 'caption' or 'retrieval', got {task!r}")
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
-        self.length, self.split, self.size, self.seed = length, split, size, seed
+        self.length, self.split, self.size, self.seed, self.task = length, split, size, seed, task
 
     def __len__(self) -> int:
         return self.length
@@ -48,7 +51,9 @@ class ShapesDataset:
         image = self._draw(rng, color, shape, count, large, row, col)
         noun = shape + ("s" if count > 1 else "")
         caption = f"{NUMBERS[count - 1]} {'large' if large else 'small'} {color} {noun} at the {ROWS[row]} {COLS[col]}"
-        return Sample(image=image, text=caption, positive=Sample(text=caption))
+        if self.task == "retrieval":
+            return Sample(image=image, positive=Sample(text=caption))
+        return Sample(image=image, text=caption)
 
     def _draw(self, rng, color, shape, count, large, row, col):
         from PIL import Image, ImageDraw
