@@ -94,12 +94,7 @@ class KeyRanges:
 
         Each segment id must occupy one contiguous run of its row (packed samples).
         """
-        seg = _check_int_matrix("segment_ids", segment_ids).long()
-        if bool((seg < -1).any()):
-            b, i = _first_bad(seg < -1)
-            raise ValueError(f"segment_ids[{b}, {i}] = {int(seg[b, i])}; ids must be >= 0, or -1 for padding")
-        start, end, new_run = _runs(seg)
-        _check_contiguous_segments(seg, new_run)
+        seg, start, end, new_run = _segments(segment_ids)
         pad = seg < 0
         zero = torch.zeros_like(start)
         return cls(torch.where(pad, zero, start), torch.where(pad, zero, end), causal=causal)
@@ -113,18 +108,14 @@ class KeyRanges:
         inside A; B attends to itself and to the EOS of A, nothing else of A. Block B may be
         empty; block A must hold at least one token.
         """
-        seg = _check_int_matrix("segment_ids", segment_ids).long()
+        _check_int_matrix("segment_ids", segment_ids)
         if not isinstance(is_target, torch.Tensor) or is_target.dtype != torch.bool:
             raise TypeError("is_target must be a bool tensor")
-        if tuple(is_target.shape) != tuple(seg.shape):
-            raise ValueError(f"is_target must have shape {tuple(seg.shape)}, got {tuple(is_target.shape)}")
-        if is_target.device != seg.device:
+        if tuple(is_target.shape) != tuple(segment_ids.shape):
+            raise ValueError(f"is_target must have shape {tuple(segment_ids.shape)}, got {tuple(is_target.shape)}")
+        if is_target.device != segment_ids.device:
             raise ValueError("is_target must be on the same device as segment_ids")
-        if bool((seg < -1).any()):
-            b, i = _first_bad(seg < -1)
-            raise ValueError(f"segment_ids[{b}, {i}] = {int(seg[b, i])}; ids must be >= 0, or -1 for padding")
-        start, end, new_run = _runs(seg)
-        _check_contiguous_segments(seg, new_run)
+        seg, start, end, new_run = _segments(segment_ids)
         pad = seg < 0
         if bool((is_target & pad).any()):
             b, i = _first_bad(is_target & pad)
@@ -245,6 +236,17 @@ def _shift_right(x: torch.Tensor, new_run: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x)
     out[:, 1:] = x[:, :-1]
     return out & ~new_run
+
+
+def _segments(segment_ids: torch.Tensor):
+    """Validated segment ids (int64) and, per position, its run's start, end and run-start flag."""
+    seg = _check_int_matrix("segment_ids", segment_ids).long()
+    if bool((seg < -1).any()):
+        b, i = _first_bad(seg < -1)
+        raise ValueError(f"segment_ids[{b}, {i}] = {int(seg[b, i])}; ids must be >= 0, or -1 for padding")
+    start, end, new_run = _runs(seg)
+    _check_contiguous_segments(seg, new_run)
+    return seg, start, end, new_run
 
 
 def _check_contiguous_segments(seg: torch.Tensor, new_run: torch.Tensor) -> None:

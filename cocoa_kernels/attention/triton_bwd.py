@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..mask import key_tile_bounds, query_tile_bounds
 from .config import KernelConfig, block_d_for
-from .triton_common import LOG2E, dot_precision, load_bounds, load_tile
+from .triton_common import LOG2E, dot_precision, load_bounds, load_tile, score_tile
 
 
 @triton.jit
@@ -36,15 +36,9 @@ def _dq_inner(
     v_ptrs = v_base + start.to(tl.int64) * stride_vn
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs, cols, offs_d, N, D, MASKED, EVEN_D)
-        v = load_tile(v_ptrs, cols, offs_d, N, D, MASKED, EVEN_D)
+        s, k, v = score_tile(q, k_ptrs, v_ptrs, cols, offs_d, lo, hi, N, D, scale_log2, MASKED, EVEN_D, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-        # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        if MASKED:
-            visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-            s = tl.where(visible, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)

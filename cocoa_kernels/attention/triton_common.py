@@ -30,6 +30,21 @@ def load_tile(ptrs, rows, offs_d, N, D, MASK_ROWS: tl.constexpr, EVEN_D: tl.cons
         return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
 
 
+@triton.jit
+def score_tile(q, k_ptrs, v_ptrs, cols, offs_d, lo, hi, N, D, scale_log2,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Load the K and V tiles at ``cols`` and score ``q`` against K in log2 units:
+    -inf where a row's interval excludes the key (masked tiles only). Shared by forward and dQ."""
+    k = load_tile(k_ptrs, cols, offs_d, N, D, MASKED, EVEN_D)
+    v = load_tile(v_ptrs, cols, offs_d, N, D, MASKED, EVEN_D)
+    # [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_N] -> [BLOCK_M, BLOCK_N]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if MASKED:
+        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    return s, k, v
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: three TF32 products (about fp32 accuracy) instead of silent single-pass TF32;
     # 16-bit inputs ignore the setting.
