@@ -70,6 +70,7 @@ def cocoa_mask(
         return padding_to_key_ranges(attention_mask, batch_size, kv_length, causal, device)
     # Composite masks (packed-sequence detection, model-specific overlays): evaluate them densely
     # once and convert; an overlay with no interval form is refused there with a clear error.
+    kwargs.pop("allow_is_causal_skip", None)
     dense = sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, mask_function=mask_function,
         attention_mask=attention_mask, allow_is_causal_skip=False, device=device, **kwargs,

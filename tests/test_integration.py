@@ -43,6 +43,21 @@ def test_plain_qwen2_text_model_matches_sdpa():
         )
 
 
+def test_composite_mask_functions_become_key_ranges():
+    """Masks transformers composes (here: causal AND same packed sequence) take the dense
+    fallback of the mask interface and come out as the equivalent key intervals."""
+    from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function
+
+    from cocoa.integration import cocoa_mask
+
+    seq = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
+    got = cocoa_mask(batch_size=1, q_length=9, kv_length=9,
+                     mask_function=and_masks(causal_mask_function, packed_sequence_mask_function(seq)),
+                     attention_mask=None, allow_is_causal_skip=True, dtype=torch.float32, use_vmap=False,
+                     device="cpu")
+    assert torch.equal(got.to_dense(), KeyRanges.from_segments(seq, causal=True).to_dense())
+
+
 def test_set_attn_implementation_and_load_model():
     model = Qwen2ForCausalLM._from_config(qwen2_config(), attn_implementation="sdpa")
     model.set_attn_implementation(IMPL)
