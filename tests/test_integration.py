@@ -8,7 +8,9 @@ from transformers import Qwen2ForCausalLM, Qwen2VLForConditionalGeneration
 
 import cocoa
 from cocoa_kernels import KeyRanges
-from tiny_models import EOS, IMAGE_TOKEN, VISION_END, VISION_START, image_grid, qwen2_config, qwen2vl_config, same_weights
+from tiny_models import (
+    EOS, IMAGE_TOKEN, VISION_END, VISION_START, image_grid, qwen2_config, qwen25vl_config, qwen2vl_config, same_weights,
+)
 
 IMPL = cocoa.ATTN_IMPLEMENTATION
 
@@ -31,6 +33,18 @@ def test_without_key_ranges_matches_sdpa_with_padding(causal):
         b = ours(input_ids=ids, attention_mask=am).logits
     valid = am.bool()
     torch.testing.assert_close(b[valid], a[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_qwen25vl_with_an_image_matches_sdpa():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    sdpa, ours = same_weights(Qwen2_5_VLForConditionalGeneration, qwen25vl_config(), ["sdpa", IMPL])
+    ids, am, mm, pixels, grid, _ = _bridge_batch()
+    inputs = dict(input_ids=ids, attention_mask=am, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=mm)
+    with torch.no_grad():
+        a = sdpa(**inputs).logits
+        b = ours(**inputs).logits
+    torch.testing.assert_close(b[am.bool()], a[am.bool()], rtol=1e-5, atol=1e-5)
 
 
 def test_plain_qwen2_text_model_matches_sdpa():

@@ -24,6 +24,21 @@ def qwen2vl_config(**text_overrides) -> Qwen2VLConfig:
     )
 
 
+def qwen25vl_config(**text_overrides):
+    """Qwen2.5-VL: same text stack, a vision tower with windowed and full-attention blocks."""
+    from transformers import Qwen2_5_VLConfig
+
+    base = qwen2vl_config(**text_overrides)
+    return Qwen2_5_VLConfig(
+        text_config=base.text_config.to_dict(),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )
+
+
 def qwen2_config() -> Qwen2Config:
     return Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
