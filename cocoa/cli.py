@@ -84,7 +84,8 @@ def train(args) -> int:
     else:
         if args.stage is None:
             raise SystemExit("cocoa train: give --stage (1, 2 or 3) or --config FILE")
-        stages = [StageConfig(stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr)]
+        lora = {"r": args.lora_r, "alpha": 2 * args.lora_r} if args.lora_r else None
+        stages = [StageConfig(stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora=lora)]
         model_src, data_src, out = args.model, args.data, args.out
     if out is None:
         raise SystemExit("cocoa train: give --out DIR (or 'out' in the config)")
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (needs peft)")
     p.add_argument("--config", default=None, help='JSON: {"model", "data", "out", "stages": [{"stage": 1, ...}]}')
     p.set_defaults(fn=train)
 

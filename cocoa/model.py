@@ -132,26 +132,54 @@ class CocoaModel(nn.Module):
             return self.contrastive_loss(batch)
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
 
+    # ------------------------------------------------------------------ LoRA (optional, needs peft)
+    def enable_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+                    target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+        """Train low-rank adapters on the language model's projections instead of the backbone;
+        the reconstruction heads stay fully trainable. Undo with :meth:`merge_lora`."""
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as e:
+            raise ImportError("LoRA needs the peft package: pip install 'cocoa[lora]'") from e
+        if self.lora_active:
+            return
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+        inject_adapter_in_model(config, self.backbone)
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_("lora_" in name)
+
+    @property
+    def lora_active(self) -> bool:
+        return any(type(m).__module__.startswith("peft.") for m in self.backbone.modules())
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the weights and put the plain layers back (all trainable again)."""
+        for name, module in list(self.backbone.named_modules()):
+            if type(module).__module__.startswith("peft.") and hasattr(module, "get_base_layer"):
+                module.merge()
+                parent, _, child = name.rpartition(".")
+                setattr(self.backbone.get_submodule(parent) if parent else self.backbone, child, module.get_base_layer())
+        for param in self.backbone.parameters():
+            param.requires_grad_(True)
+
     # ------------------------------------------------------------------ saving
     def save(self, directory: str | Path) -> None:
-        """``backbone/`` via save_pretrained (safetensors, tied weights handled), heads beside it."""
-        from safetensors.torch import save_file
+        """``model.safetensors``: every weight (heads and active adapters included, tied weights
+        stored once) for :meth:`load`; plus, without active adapters, ``backbone/`` via
+        save_pretrained: the export that ``Embedder.from_pretrained`` and ``cocoa embed`` read."""
+        from safetensors.torch import save_model
 
         directory = Path(directory)
-        self.backbone.save_pretrained(directory / "backbone")
-        if self.pixel_head is not None:
-            save_file({k: v.contiguous() for k, v in self.pixel_head.state_dict().items()}, directory / "heads.safetensors")
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(directory / "model.safetensors"))
+        if not self.lora_active:
+            self.backbone.save_pretrained(directory / "backbone")
 
     def load(self, directory: str | Path) -> None:
-        """Load what :meth:`save` wrote into this model (same architecture)."""
-        from safetensors.torch import load_file
+        """Load what :meth:`save` wrote into this model (same architecture, same adapters)."""
+        from safetensors.torch import load_model
 
-        directory = Path(directory)
-        saved = type(self.backbone).from_pretrained(directory / "backbone", dtype=self.backbone.dtype)
-        self.backbone.load_state_dict(saved.state_dict())
-        if self.pixel_head is not None and (directory / "heads.safetensors").is_file():
-            device = str(next(self.parameters()).device)
-            self.pixel_head.load_state_dict(load_file(directory / "heads.safetensors", device=device))
+        load_model(self, str(Path(directory) / "model.safetensors"), device=str(next(self.parameters()).device))
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -37,6 +37,7 @@ class StageConfig:
     image_mask_rate: float = 0.5
     target_mask_rate: float = 0.7
     instruction: str | None = None
+    lora: dict | None = None  # e.g. {"r": 16, "alpha": 32}: adapters (peft), merged at the end of the stage
     seed: int = 0
     loss: CocoaLossConfig = field(default_factory=CocoaLossConfig)
 
@@ -109,12 +110,16 @@ def run_stage(cfg: StageConfig, model: CocoaModel, encoder: InputEncoder, datase
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
+    if cfg.lora:
+        model.enable_lora(**cfg.lora)
     trainer = CocoaTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=make_collator(cfg, encoder),
         stage=cfg.stage, grad_cache_chunk=cfg.grad_cache_chunk,
     )
     last = get_last_checkpoint(str(out_dir)) if resume and out_dir.is_dir() else None
     trainer.train(resume_from_checkpoint=last)
+    if cfg.lora:
+        model.merge_lora()
     trainer.save_model(str(out_dir / "final"))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {"steps": trainer.state.global_step, "loss": losses}

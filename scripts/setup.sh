@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-test,transformers}
+EXTRAS=${EXTRAS:-test,transformers,lora}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi

@@ -29,7 +29,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     full = run_stage(cfg, model, encoder, data, tmp_path / "run", resume=False)
     assert full["steps"] == 4 and len(full["loss"]) == 4
     assert (tmp_path / "run" / "checkpoint-2" / "backbone" / "model.safetensors").is_file()
-    assert (tmp_path / "run" / "final" / "heads.safetensors").is_file()
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
     # Interrupted after step 2: drop what came later and resume with a freshly initialised model.
     shutil.rmtree(tmp_path / "run" / "checkpoint-4")
@@ -80,3 +80,20 @@ def test_demo_writes_the_report(tmp_path):
         assert set(run["recall"]) == {"t2i@1", "t2i@5", "i2t@1", "i2t@5"}
         assert all(0.0 <= v <= 1.0 for v in run["recall"].values())
     assert report["plot"] and (tmp_path / "demo" / "curves.png").is_file()
+
+
+def test_lora_trains_adapters_only_and_merges_them(tmp_path):
+    model, encoder, data = _setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = StageConfig(stage=2, steps=2, batch_size=4, lr=1e-2, lora={"r": 4, "alpha": 8})
+    run_stage(cfg, model, encoder, data, tmp_path / "lora", resume=False)
+    assert not model.lora_active
+    after = model.state_dict()
+    assert set(after) == set(before)  # plain layers are back
+    q = "backbone.model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(after[q], before[q])  # the adapter's update is folded in
+    for frozen in ("backbone.model.language_model.embed_tokens.weight", "backbone.model.visual.blocks.0.attn.qkv.weight",
+                   "backbone.model.language_model.layers.0.self_attn.q_proj.bias"):
+        assert torch.equal(after[frozen], before[frozen]), frozen
+    export = tmp_path / "lora" / "final" / "backbone"
+    assert (export / "model.safetensors").is_file() and all(p.requires_grad for p in model.parameters())
