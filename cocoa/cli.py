@@ -1,4 +1,4 @@
-"""Command line: ``cocoa demo``, ``cocoa train``, ``cocoa embed``, ``cocoa kernels-demo``."""
+"""Command line: ``cocoa demo``, ``cocoa train``, ``cocoa embed``, ``cocoa bench``, ``cocoa kernels-demo``."""
 
 from __future__ import annotations
 
@@ -110,6 +110,20 @@ def embed(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    """``python -m bench`` from a checkout (the harness lives in the repository's bench/, not in
+    the installed package)."""
+    import sys
+
+    root = Path(args.repo).resolve()
+    if not (root / "bench" / "__main__.py").is_file():
+        raise SystemExit(f"cocoa bench: no bench/ harness under {root}; run it from the repository (or pass --repo)")
+    sys.path.insert(0, str(root))
+    from bench.__main__ import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cocoa", description="CoCoA kernels and training layer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,5 +167,12 @@ def main(argv=None) -> int:
     p.add_argument("--impl", choices=["triton", "torch"], default=None)
     p.set_defaults(fn=kernels_demo)
 
+    p = sub.add_parser("bench", help="the benchmark harness (python -m bench); options after -- go to it")
+    p.add_argument("--repo", default=".", help="the repository checkout holding bench/ (default: here)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=bench)
+
     args = parser.parse_args(argv)
+    if args.command == "bench" and args.bench_args[:1] == ["--"]:
+        args.bench_args = args.bench_args[1:]
     return args.fn(args)

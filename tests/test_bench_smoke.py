@@ -147,3 +147,12 @@ def test_budget_gives_a_late_section_half_its_share():
     assert not budget.expired("loss")
     assert budget.deadlines["loss"] <= budget.start + 100.0
     assert Budget(None, ["loss"]).expired("loss") is False
+
+
+def test_cocoa_bench_forwards_to_the_harness(capsys):
+    from cocoa.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--repo", str(Path(__file__).resolve().parents[1]), "--", "--help"])
+    assert exit_info.value.code == 0
+    assert "python -m bench" in capsys.readouterr().out
