@@ -49,6 +49,20 @@ def _check_against_ours(row: dict, out: torch.Tensor, ref: torch.Tensor | None) 
         add_note(row, f"output differs from ours (rel. err. {err:.2e}): check the mask given to this impl")
 
 
+def _record_loss_value(row: dict, impl, compute, reference):
+    """Record ``compute()``'s loss in the row; ours becomes the reference the peers are compared
+    with. Returns the reference."""
+    try:
+        value = compute().detach().float().reshape(())
+        row["loss_value"] = value.item()
+        if impl.ours:
+            return value
+        _check_against_ours(row, value, reference)
+    except Exception as e:
+        add_note(row, f"output check: {error_note(e)}")
+    return reference
+
+
 def _prepare(impl, row, *args):
     """impl.prepare(*args), or None with the reason in the row's note."""
     try:
@@ -168,15 +182,7 @@ def run_loss(opts: RunOptions, results: ResultsFile, budget: Budget, section: st
 
             measure(row, fwd, fwdbwd, copies, device, opts.policy, flops)
             if row["fwd_ms"] is not None:
-                try:
-                    value = prepared.call(weight, inputs[0]).detach().float().reshape(())
-                    row["loss_value"] = value.item()
-                    if impl.ours:
-                        reference = value
-                    else:
-                        _check_against_ours(row, value, reference)
-                except Exception as e:
-                    add_note(row, f"output check: {error_note(e)}")
+                reference = _record_loss_value(row, impl, lambda: prepared.call(weight, inputs[0]), reference)
         results.add(row)
         del prepared
         free_memory(device)
@@ -224,15 +230,7 @@ def run_e2e(opts: RunOptions, results: ResultsFile, budget: Budget, section: str
             if row["fwdbwd_ms"]:
                 row["tokens_per_s"] = n / (row["fwdbwd_ms"] / 1e3)
             if row["fwd_ms"] is not None:
-                try:
-                    value = prepared.call().detach().float().reshape(())
-                    row["loss_value"] = value.item()
-                    if impl.ours:
-                        reference = value
-                    else:
-                        _check_against_ours(row, value, reference)
-                except Exception as e:
-                    add_note(row, f"output check: {error_note(e)}")
+                reference = _record_loss_value(row, impl, prepared.call, reference)
         results.add(row)
         del prepared
         free_memory(device)
