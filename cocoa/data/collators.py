@@ -61,9 +61,10 @@ class Stage1Collator(_Base):
         encoded, labels, pix_masks, targets = [], [], [], []
         merge2 = self.encoder.merge**2
         for s in samples:
-            enc = self.encoder.encode(s.image, s.text)
+            text_ids = self.encoder.text_ids(s.text)
+            enc = self.encoder.encode(s.image, text_ids=text_ids)
             image_id = getattr(enc_cfg, "image_token_id", None)
-            text_start = len(enc.ids) - 1 - len(self.encoder.text_ids(s.text))
+            text_start = len(enc.ids) - 1 - len(text_ids)
             text_pos = list(range(text_start, len(enc.ids) - 1))  # text tokens, EOS excluded
             if self.shift:
                 text_pos = [p for p in text_pos if p > 0]
