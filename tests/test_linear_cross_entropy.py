@@ -9,7 +9,7 @@ import torch
 
 from conftest import DEVICE, ON_GPU
 from cocoa_kernels import linear_cross_entropy
-from cocoa_kernels.losses import op, reference
+from cocoa_kernels.losses import config, op, reference
 from loss_cases import IGNORE, assert_close, make_inputs, run_with_grads, torch_loss, truth_and_baseline
 
 IMPLS = ("triton", "torch")
@@ -152,6 +152,22 @@ def test_reference_in_chunks_matches_one_chunk(monkeypatch):
     for name, a, b, t in zip(NAMES, whole, chunked, truth):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
         torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["interpreter", "gpu"])
+@pytest.mark.parametrize("rows", [1, 37, 6554, 200_000])
+def test_backward_vocab_chunks_fit_the_buffer(on_gpu, rows):
+    """The backward's chunk of logit gradients: whole tiles, within the configured buffer unless a
+    single tile is already larger, never wider than the vocab. The interpreter's small buffer
+    gives the odd-size tests several chunks with a partial last one."""
+    for dtype in (torch.bfloat16, torch.float32):
+        cfg = config.pick_config(on_gpu, dtype)
+        for V in (300, 1007, 151_936):
+            chunk = config.vocab_chunk(cfg, rows, V)
+            assert chunk == V or chunk % cfg.dz.block_v == 0
+            assert 0 < chunk <= V
+            assert rows * chunk <= cfg.dz_buffer_elems or chunk == min(V, cfg.dz.block_v)
+    assert config.vocab_chunk(config.pick_config(False, torch.bfloat16), 37, 1007) < 1007
 
 
 def test_default_impl_follows_device():

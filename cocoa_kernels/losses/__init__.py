@@ -42,8 +42,10 @@ def linear_cross_entropy(
 
     Contract:
         - Only the positions that count are computed: rows whose label is ``ignore_index`` are
-          dropped (compacted on the device, no host sync) before any matrix work, and the
-          (tokens x V) logits never exist in memory, forward or backward; accumulation is fp32.
+          dropped (compacted on the device) before any matrix work, and the (tokens x V) logits
+          never exist in memory: the forward keeps an online log-sum-exp over vocab tiles, the
+          backward holds one bounded chunk of the logits' gradient at a time (128 MiB on a GPU,
+          whatever T and V) for its two GEMMs. Accumulation is fp32.
         - ``shift=k`` (needs (B, N, H)) scores the hidden state at position i of a row against the
           label at position i + k of the same row (``shift=1``: masked next-token prediction);
           the last k positions of every row score nothing. ``shift=0`` scores i against i.
@@ -53,7 +55,8 @@ def linear_cross_entropy(
         - Differentiable in hidden, weight and bias. Gradients are bitwise deterministic.
         - ``impl``: None picks Triton for CUDA tensors and PyTorch otherwise; "triton" or "torch"
           forces one (see ``cocoa_kernels._backend``). Labels outside [0, V) that are not
-          ``ignore_index`` raise a ValueError (this check syncs with the host once per call).
+          ``ignore_index`` raise a ValueError (this check syncs with the host once per call; the
+          Triton backward syncs once more, for the number of counted rows that sizes its GEMMs).
 
     Example (LLM2Vec-style masked next-token prediction, 40% of the tokens masked)::
 

@@ -1,10 +1,10 @@
-"""Compaction of the rows that count, without a host sync.
+"""Compaction of the rows that count, on the device.
 
 ``rows`` is a permutation of ``[0, T)`` that lists the counted rows first (in order), then the
 ignored ones; ``count`` (a one-element int32 tensor on the same device) says how many count. The
-kernels read ``count`` on the device and never touch a slot at or past it, so the number of
-counted rows never has to reach the host, and no (T, H) copy of the hidden states is made: the
-kernels gather rows through ``rows``.
+forward kernel reads ``count`` on the device and never touches a slot at or past it, gathering
+rows through ``rows`` (no (T, H) copy); the backward reads it on the host once, because it sizes
+the backward's GEMMs, and gathers the counted rows into one (count, H) block.
 """
 
 from __future__ import annotations

@@ -1,27 +1,28 @@
-"""Tile sizes, warps and vocab splits for the fused linear cross-entropy kernels.
+"""Tile sizes, warps, vocab splits and the backward's chunk size for the fused linear cross-entropy.
 
-Three kernels share one tile shape: a [BLOCK_M rows, BLOCK_V vocab] logit tile, accumulated over
-the hidden dim in BLOCK_H chunks (so H up to 8192 never sits whole in registers).
+Both kernels work on a [BLOCK_M rows, BLOCK_V vocab] logit tile, accumulated over the hidden dim
+in BLOCK_H chunks (so H up to 8192 never sits whole in registers).
 
 GPU table for 16-bit inputs (Hopper; starting points, to be re-measured on the H200 with
-``bench/``). All three compile for sm_90 without register spills (checked with ``cuobjdump
--res-usage``: 237-255 registers a thread, 8 warps, 1 program per SM):
+``bench/``):
 
-- forward ``128 x 128 x 64``, 8 warps, 3 stages: a plain GEMM tile; the vocab is split over
-  several programs per row tile (``fwd_splits``) so that ~6.5k counted rows still fill 132 SMs.
-- d_hidden ``64 x 256 x 64``, 8 warps, 3 stages: each program owns 64 rows and walks the vocab; its
-  fp32 [64, H] accumulator lives in global memory and is read-modified-written once per vocab
-  tile, so the traffic per flop falls with BLOCK_V, hence the wide vocab tile.
-- d_weight ``256 x 64 x 64``, 8 warps, 3 stages: each program owns 64 vocab rows and walks the
-  counted rows; its fp32 [64, H] accumulator is read-modified-written once per row tile, so the
-  traffic per flop falls with BLOCK_M, hence the tall row tile.
+- forward ``128 x 128 x 64``, 8 warps, 3 stages: a plain GEMM tile (no register spills on sm_90,
+  checked with ``ptxas -v``); the vocab is split over several programs per row tile
+  (``fwd_splits``) so that ~6.5k counted rows still fill 132 SMs.
+- logit gradient: the forward's tile. The backward's probabilities ``exp(z - lse)`` are only as
+  accurate as the recomputed ``z`` agrees with the ``z`` the forward summed into ``lse``; with
+  the same tile (above all the same BLOCK_H chunks of the reduction) the two are the same bits
+  and the rounding cancels, which matters for large logits in fp32 (a test has logits of std
+  60). The backward's two big products run in cuBLAS (see ``triton_bwd``).
+- ``dz_buffer_elems``: the backward's chunk of logit gradients holds at most this many elements
+  (64 Mi: 128 MiB in bf16); the chunk width follows from the number of counted rows.
 
 fp32 inputs use exact fp32 products (``input_precision="ieee"``: no tensor cores), which spill
-at those sizes; they get ``64 x 64 x 16`` tiles (no spills). fp32 is the precise path, not the
-fast one.
+at those sizes; they get ``64 x 64 x 16`` tiles. fp32 is the precise path, not the fast one.
 
-The interpreter gets small tiles (every tl.dot dim >= 16) and fixed splits, so that tests at
-V ~ 1000, H ~ 80 already cover partial vocab tiles, partial hidden chunks and the split combine.
+The interpreter gets small tiles (every tl.dot dim >= 16), fixed splits and a tiny dz buffer, so
+that tests at V ~ 1000, H ~ 80 already cover partial vocab tiles, partial hidden chunks, the split
+combine and several backward chunks with a partial last one.
 """
 
 from __future__ import annotations
@@ -44,37 +45,30 @@ class KernelConfig:
 @dataclass(frozen=True)
 class LossConfig:
     fwd: KernelConfig
-    dh: KernelConfig
-    dw: KernelConfig
+    dz: KernelConfig  # the backward's logit-gradient kernel
     fwd_splits: int | None = None  # vocab splits per row tile in the forward; None: from the grid
-    dh_splits: int | None = None  # same for the d_hidden kernel (each split has its own fp32 buffer)
+    dz_buffer_elems: int = 1 << 26  # most logit-gradient elements the backward holds at once
 
 
 _INTERPRETER = LossConfig(
     fwd=KernelConfig(16, 128, 64),
-    dh=KernelConfig(16, 128, 64),
-    dw=KernelConfig(32, 64, 64),
+    dz=KernelConfig(16, 128, 64),
     fwd_splits=3,
-    dh_splits=2,
+    dz_buffer_elems=8192,
 )
 
 _GPU_16BIT = LossConfig(
     fwd=KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-    dh=KernelConfig(64, 256, 64, num_warps=8, num_stages=3),
-    dw=KernelConfig(256, 64, 64, num_warps=8, num_stages=3),
+    dz=KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
 )
 _GPU_FP32 = LossConfig(
     fwd=KernelConfig(64, 64, 16, num_warps=8, num_stages=2),
-    dh=KernelConfig(64, 64, 16, num_warps=8, num_stages=2),
-    dw=KernelConfig(64, 64, 16, num_warps=8, num_stages=2),
+    dz=KernelConfig(64, 64, 16, num_warps=8, num_stages=2),
 )
 
-# Programs to aim for per SM when splitting the vocab (assuming every row counts; with 40% of
-# the rows counted the forward still gets ~3 waves). d_hidden splits cost an fp32 (T, H) buffer
-# each, so it gets fewer.
+# Forward programs to aim for per SM when splitting the vocab (assuming every row counts; with
+# 40% of the rows counted the forward still gets ~3 waves).
 _FWD_PROGRAMS_PER_SM = 8
-_DH_PROGRAMS_PER_SM = 2
-_MAX_DH_SPLITS = 4
 
 _override: LossConfig | None = None
 
@@ -87,27 +81,27 @@ def pick_config(on_gpu: bool, dtype: torch.dtype) -> LossConfig:
     return _GPU_FP32 if dtype == torch.float32 else _GPU_16BIT
 
 
-def _splits(fixed: int | None, kernel: KernelConfig, T: int, V: int, device: torch.device,
-            per_sm: int, cap: int) -> tuple[int, int]:
-    """(splits, vocab columns per split): ``fixed`` splits if the config pins them, else enough
-    that ``row_tiles * splits`` reaches ``per_sm`` programs per SM. Splits are whole vocab tiles
-    and never empty."""
-    row_tiles = -(-T // kernel.block_m)
-    vocab_tiles = -(-V // kernel.block_v)
-    if fixed is None:
+def fwd_splits(cfg: LossConfig, T: int, V: int, device: torch.device) -> tuple[int, int]:
+    """(splits, vocab columns per split) for the forward: ``cfg.fwd_splits`` if the config pins
+    them, else enough that ``row_tiles * splits`` reaches ``_FWD_PROGRAMS_PER_SM`` programs per
+    SM. Splits are whole vocab tiles and never empty."""
+    row_tiles = -(-T // cfg.fwd.block_m)
+    vocab_tiles = -(-V // cfg.fwd.block_v)
+    wanted = cfg.fwd_splits
+    if wanted is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        fixed = min(cap, -(-per_sm * sms // max(1, row_tiles)))
-    splits = max(1, min(fixed, vocab_tiles))
-    split_cols = -(-vocab_tiles // splits) * kernel.block_v
+        wanted = -(-_FWD_PROGRAMS_PER_SM * sms // max(1, row_tiles))
+    splits = max(1, min(wanted, vocab_tiles))
+    split_cols = -(-vocab_tiles // splits) * cfg.fwd.block_v
     return -(-V // split_cols), split_cols
 
 
-def fwd_splits(cfg: LossConfig, T: int, V: int, device: torch.device) -> tuple[int, int]:
-    return _splits(cfg.fwd_splits, cfg.fwd, T, V, device, _FWD_PROGRAMS_PER_SM, cap=1 << 16)
-
-
-def dh_splits(cfg: LossConfig, T: int, V: int, device: torch.device) -> tuple[int, int]:
-    return _splits(cfg.dh_splits, cfg.dh, T, V, device, _DH_PROGRAMS_PER_SM, cap=_MAX_DH_SPLITS)
+def vocab_chunk(cfg: LossConfig, n_rows: int, V: int) -> int:
+    """Vocab columns per backward chunk: as many whole ``dz`` tiles as keep ``n_rows x chunk``
+    within ``cfg.dz_buffer_elems`` (at least one tile, at most the whole vocab)."""
+    tile = cfg.dz.block_v
+    tiles = max(1, cfg.dz_buffer_elems // max(1, n_rows) // tile)
+    return min(tiles * tile, V)
 
 
 @contextlib.contextmanager

@@ -1,20 +1,25 @@
 """Backward of the fused linear cross-entropy: d_hidden, d_weight and d_bias, and the launcher.
 
-``d z = g * (softmax(z) - onehot(target))`` is recomputed tile by tile from the forward's
-log-sum-exp; no (rows x vocab) buffer exists. Two kernels, no atomics, so every gradient is
-bitwise deterministic run to run:
+``dz = g * (softmax(z) - onehot(target))`` is the gradient of the logits ``z``. The launcher
+gathers the n counted rows once (``h_c``, (n, H)) and walks the vocab in chunks of C columns:
 
-1. ``_lce_bwd_dh_kernel``: grid (row tiles of the compaction, vocab splits). A program owns its
-   rows' fp32 d_hidden accumulator in its split's slice of a (splits, T, H) buffer and walks its
-   vocab range: per vocab tile it recomputes the [BLOCK_M, BLOCK_V] logits (BLOCK_H chunks),
-   forms d z, then adds ``d z @ weight[cols]`` chunk by chunk into the accumulator
-   (read-modify-write of memory no other program touches). The splits are summed in a fixed order.
-2. ``_lce_bwd_dw_kernel``: grid (vocab tiles). A program owns BLOCK_V rows of the fp32 d_weight
-   accumulator and of d_bias and walks the counted rows in BLOCK_M tiles: recompute, d z, then
-   ``d z^T @ hidden[rows]`` chunk by chunk into its accumulator; d_bias sums d z in registers.
+1. ``_lce_dlogits_kernel`` recomputes the chunk's logits tile by tile from ``h_c`` and the weight
+   rows (a GEMM over H with an fp32 accumulator), turns them into ``dz`` with the forward's
+   log-sum-exp and stores ``dz`` (n, C) in the inputs' dtype;
+2. ``d_weight[chunk] = dz.T @ h_c``: one GEMM whose reduction runs over all counted rows, written
+   straight into the chunk's rows of ``d_weight`` (no accumulator, no second pass);
+3. ``d_hidden_c += dz @ weight[chunk]``: products accumulated in fp32 (cuBLAS with an fp32
+   output where PyTorch offers it), into an (n, H) fp32 buffer, scattered back at the end.
 
-Rows that do not count are never loaded or multiplied; slots past the device-side count load
-``lse = +inf`` and ``g = 0``, so their d z is exactly 0 even in a partly filled tile.
+Why chunks of dz and not a fully fused kernel: a fused kernel that owns rows (or vocab entries)
+has to read-modify-write an fp32 (rows x H) accumulator in memory once per tile, since H (1,536 and
+up) does not fit in registers; at V = 152k that traffic is tens of GB per call, against ~2 GB for
+writing and re-reading dz in bf16 here. The big products then run as plain GEMMs. C is chosen so
+that dz stays within ``LossConfig.dz_buffer_elems`` (128 MiB of bf16 on a GPU), whatever n and V.
+
+Only the counted rows are ever loaded. The number of counted rows sizes the GEMMs, so the
+backward reads it on the host once (one sync per backward call). Every step is a fixed sequence
+of deterministic kernels: gradients are bitwise equal run to run.
 """
 
 from __future__ import annotations
@@ -24,121 +29,65 @@ import triton
 import triton.language as tl
 
 from .compact import compact_rows
-from .config import LossConfig, dh_splits
-from .triton_common import add_bias, dot_precision, load_chunk, logits_tile, softmax_grad, store_chunk
+from .config import LossConfig, vocab_chunk
+from .triton_common import add_bias, dot_precision, logits_tile, softmax_grad
 
 
 @triton.jit
-def _dh_inner(
-    h_ptrs, dh_ptrs, Weight, Bias, slot_ok, tgt, lse2, g, offs_v, offs_h,
-    v_start, v_end, V, H, stride_wv, stride_wh, stride_hh,
+def _lce_dlogits_kernel(
+    HC, Weight, Bias, Targets, Lse, DLoss, DZ,
+    stride_wv, stride_wh,
+    n_rows, v0, n_cols, H,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_V: tl.constexpr, EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    for v0 in range(v_start, v_end, BLOCK_V):
-        cols = v0 + offs_v
-        col_ok = cols < V
-        w_base = Weight + cols.to(tl.int64)[:, None] * stride_wv + offs_h[None, :] * stride_wh
-        z = logits_tile(h_ptrs, w_base, slot_ok, col_ok, offs_h, H, stride_hh, stride_wh,
-                        BLOCK_M, BLOCK_V, BLOCK_H, MASK_V, EVEN_H, DOT_PRECISION)
-        z = add_bias(z, Bias, cols, col_ok, HAS_BIAS, MASK_V)
-        dz = softmax_grad(z, cols, col_ok, tgt, lse2, g, MASK_V).to(Weight.dtype.element_ty)
-        w_ptrs = w_base
-        acc_ptrs = dh_ptrs
-        for h0 in range(0, H, BLOCK_H):
-            w = load_chunk(w_ptrs, col_ok, offs_h, h0, H, MASK_V, EVEN_H)
-            acc = load_chunk(acc_ptrs, slot_ok, offs_h, h0, H, True, EVEN_H)
-            # [BLOCK_M, BLOCK_V] @ [BLOCK_V, BLOCK_H] -> [BLOCK_M, BLOCK_H]
-            acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
-            store_chunk(acc_ptrs, acc, slot_ok, offs_h, h0, H, EVEN_H)
-            w_ptrs += BLOCK_H * stride_wh
-            acc_ptrs += BLOCK_H
-
-
-@triton.jit
-def _lce_bwd_dh_kernel(
-    Hidden, Weight, Bias, Rows, SlotTargets, Count, Lse, DLoss, DH,
-    stride_ht, stride_hh, stride_wv, stride_wh,
-    T, V, H, V_FULL, SPLIT_COLS,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Hidden: (T, H), Weight: (V, H), any strides; Bias: (V,) contiguous or unused.
-    Rows, SlotTargets: (T,) int32 compaction; Count: (1,) int32. Lse: (T,) float32 in log2
-    units and DLoss: (T,) float32, both indexed by row. DH: (splits, T, H) float32 contiguous,
-    zero-filled; program (i, s) adds into DH[s, rows of tile i, :] only."""
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    count = tl.load(Count)
+    """HC: (n_rows, H) contiguous, the counted rows; Weight: (V, H), any strides; Bias: (V,)
+    contiguous or unused. Targets: (n_rows,) int32; Lse: (n_rows,) float32 in log2 units;
+    DLoss: (n_rows,) float32. DZ: (n_rows, n_cols) contiguous, the gradient of the logits of
+    vocab columns ``[v0, v0 + n_cols)``; program (i, j) writes its [BLOCK_M, BLOCK_V] tile.
+    MASK_V: n_cols is not a multiple of BLOCK_V (only the chunk's last column tile is partial)."""
+    pid_m = tl.program_id(0)  # row tiles vary fastest: neighbours share the weight tile in L2
+    pid_v = tl.program_id(1)
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot_ok = slots < count
-    rows = tl.load(Rows + slots, mask=slot_ok, other=0).to(tl.int64)
-    tgt = tl.load(SlotTargets + slots, mask=slot_ok, other=-1)
-    lse2 = tl.load(Lse + rows, mask=slot_ok, other=float("inf"))
-    g = tl.load(DLoss + rows, mask=slot_ok, other=0.0)
-    offs_v = tl.arange(0, BLOCK_V)
+    slot_ok = slots < n_rows
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = local < n_cols
+    cols = v0 + local
     offs_h = tl.arange(0, BLOCK_H)
-    h_ptrs = Hidden + rows[:, None] * stride_ht + offs_h[None, :] * stride_hh
-    dh_ptrs = DH + (pid_s.to(tl.int64) * T + rows[:, None]) * H + offs_h[None, :]
+    slots64 = slots.to(tl.int64)
+    h_ptrs = HC + slots64[:, None] * H + offs_h[None, :]
+    w_ptrs = Weight + cols.to(tl.int64)[:, None] * stride_wv + offs_h[None, :] * stride_wh
+    z = logits_tile(h_ptrs, w_ptrs, slot_ok, col_ok, offs_h, H, 1, stride_wh,
+                    BLOCK_M, BLOCK_V, BLOCK_H, MASK_V, EVEN_H, DOT_PRECISION)
+    z = add_bias(z, Bias, cols, col_ok, HAS_BIAS, MASK_V)
+    tgt = tl.load(Targets + slots, mask=slot_ok, other=-1)
+    lse2 = tl.load(Lse + slots, mask=slot_ok, other=float("inf"))
+    g = tl.load(DLoss + slots, mask=slot_ok, other=0.0)
+    dz = softmax_grad(z, cols, col_ok, tgt, lse2, g, MASK_V)
+    dz_ptrs = DZ + slots64[:, None] * n_cols + local[None, :]
+    tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=slot_ok[:, None] & col_ok[None, :])
 
-    v_lo = pid_s * SPLIT_COLS
-    v_hi = tl.minimum(v_lo + SPLIT_COLS, V)
-    v_hi = tl.where(pid_m * BLOCK_M < count, v_hi, v_lo)  # a tile past the counted rows does nothing
-    _dh_inner(h_ptrs, dh_ptrs, Weight, Bias, slot_ok, tgt, lse2, g, offs_v, offs_h,
-              v_lo, tl.minimum(v_hi, V_FULL), V, H, stride_wv, stride_wh, stride_hh,
-              BLOCK_M, BLOCK_V, BLOCK_H, HAS_BIAS, False, EVEN_H, DOT_PRECISION)
-    _dh_inner(h_ptrs, dh_ptrs, Weight, Bias, slot_ok, tgt, lse2, g, offs_v, offs_h,
-              tl.maximum(v_lo, V_FULL), v_hi, V, H, stride_wv, stride_wh, stride_hh,
-              BLOCK_M, BLOCK_V, BLOCK_H, HAS_BIAS, True, EVEN_H, DOT_PRECISION)
+
+_FP32_OUT_MM = True  # cleared the first time torch.mm(..., out_dtype=float32) is refused
 
 
-@triton.jit
-def _lce_bwd_dw_kernel(
-    Hidden, Weight, Bias, Rows, SlotTargets, Count, Lse, DLoss, DW, DB,
-    stride_ht, stride_hh, stride_wv, stride_wh,
-    V, H,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MASK_V: tl.constexpr, EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Same inputs as the d_hidden kernel. DW: (V, H) float32 contiguous, zero-filled; program j
-    adds into rows ``[j * BLOCK_V, (j + 1) * BLOCK_V)`` only. DB: (V,) float32, written whole
-    (when HAS_BIAS). MASK_V: V is not a multiple of BLOCK_V (every program then masks its
-    vocab rows; only the last one has any past V)."""
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    cols64 = cols.to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_h = tl.arange(0, BLOCK_H)
-    w_ptrs = Weight + cols64[:, None] * stride_wv + offs_h[None, :] * stride_wh
-    dw_base = DW + cols64[:, None] * H + offs_h[None, :]
-    count = tl.load(Count)
-    db = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for m0 in range(0, count, BLOCK_M):
-        slots = m0 + offs_m
-        slot_ok = slots < count
-        rows = tl.load(Rows + slots, mask=slot_ok, other=0).to(tl.int64)
-        tgt = tl.load(SlotTargets + slots, mask=slot_ok, other=-1)
-        lse2 = tl.load(Lse + rows, mask=slot_ok, other=float("inf"))
-        g = tl.load(DLoss + rows, mask=slot_ok, other=0.0)
-        h_base = Hidden + rows[:, None] * stride_ht + offs_h[None, :] * stride_hh
-        z = logits_tile(h_base, w_ptrs, slot_ok, col_ok, offs_h, H, stride_hh, stride_wh,
-                        BLOCK_M, BLOCK_V, BLOCK_H, MASK_V, EVEN_H, DOT_PRECISION)
-        z = add_bias(z, Bias, cols, col_ok, HAS_BIAS, MASK_V)
-        dz = softmax_grad(z, cols, col_ok, tgt, lse2, g, MASK_V)
-        db += tl.sum(dz, axis=0)
-        dz_t = tl.trans(dz.to(Hidden.dtype.element_ty))
-        h_ptrs = h_base
-        acc_ptrs = dw_base
-        for h0 in range(0, H, BLOCK_H):
-            h = load_chunk(h_ptrs, slot_ok, offs_h, h0, H, True, EVEN_H)
-            acc = load_chunk(acc_ptrs, col_ok, offs_h, h0, H, MASK_V, EVEN_H)
-            # [BLOCK_V, BLOCK_M] @ [BLOCK_M, BLOCK_H] -> [BLOCK_V, BLOCK_H]
-            acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
-            store_chunk(acc_ptrs, acc, col_ok, offs_h, h0, H, EVEN_H)
-            h_ptrs += BLOCK_H * stride_hh
-            acc_ptrs += BLOCK_H
-    if HAS_BIAS:
-        tl.store(DB + cols, db, mask=col_ok)
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with fp32 accumulation and an fp32 result, for 16-bit or fp32 inputs.
+
+    On CUDA, 16-bit inputs use cuBLAS with an fp32 output (``out_dtype``, PyTorch >= 2.8); where
+    that is refused, the product is rounded to the inputs' dtype once per vocab chunk. Elsewhere
+    (the interpreter tests) the operands are upcast, which is the same arithmetic."""
+    global _FP32_OUT_MM
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if not a.is_cuda:
+        return torch.mm(a.float(), b.float())
+    if _FP32_OUT_MM:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_MM = False
+    return torch.mm(a, b).float()
 
 
 def lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index: int, cfg: LossConfig):
@@ -149,39 +98,47 @@ def lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index: int, cfg: 
     ``d_bias`` (V,) in bias's dtype, or an empty tensor when there is no bias."""
     T, H = hidden.shape
     V = weight.shape[0]
-    dev = hidden.device
+    dev, dtype = hidden.device, hidden.dtype
     has_bias = bias is not None
-    b = bias.contiguous() if has_bias else weight  # never read without HAS_BIAS
-    d_loss = d_loss.to(torch.float32).contiguous()
-    precision = dot_precision(hidden.dtype)
-    if T == 0:
-        d_bias = torch.zeros(V if has_bias else 0, dtype=hidden.dtype, device=dev)
-        return hidden.new_zeros(T, H), weight.new_zeros(V, H), d_bias
+    d_hidden = torch.zeros(T, H, dtype=dtype, device=dev)  # rows that do not count: exactly 0
     rows, count, slot_targets = compact_rows(targets, ignore_index)
+    n = int(count.item()) if T else 0  # the one host sync: it sizes the GEMMs below
+    if n == 0:
+        d_bias = torch.zeros(V if has_bias else 0, dtype=dtype, device=dev)
+        return d_hidden, torch.zeros(V, H, dtype=dtype, device=dev), d_bias
 
-    k = cfg.dh
-    splits, split_cols = dh_splits(cfg, T, V, dev)
-    dh = torch.zeros(splits, T, H, dtype=torch.float32, device=dev)  # accumulator: zeros
-    _lce_bwd_dh_kernel[(triton.cdiv(T, k.block_m), splits)](
-        hidden, weight, b, rows, slot_targets, count, lse, d_loss, dh,
-        *hidden.stride(), *weight.stride(),
-        T, V, H, (V // k.block_v) * k.block_v, split_cols,
-        BLOCK_M=k.block_m, BLOCK_V=k.block_v, BLOCK_H=k.block_h,
-        HAS_BIAS=has_bias, EVEN_H=(H % k.block_h == 0), DOT_PRECISION=precision,
-        num_warps=k.num_warps, num_stages=k.num_stages,
-    )
-    d_hidden = (dh.sum(0) if splits > 1 else dh.squeeze(0)).to(hidden.dtype)
+    rows_c = rows[:n].long()
+    h_c = hidden.index_select(0, rows_c)  # (n, H) contiguous; ignored rows are never read
+    lse_c = lse.index_select(0, rows_c)
+    g_c = d_loss.to(torch.float32).index_select(0, rows_c)
+    tgt_c = slot_targets[:n].contiguous()
+    b = bias.contiguous() if has_bias else weight  # never read without HAS_BIAS
 
-    k = cfg.dw
-    dw = torch.zeros(V, H, dtype=torch.float32, device=dev)  # accumulator: zeros
-    db = torch.empty(V if has_bias else 0, dtype=torch.float32, device=dev)
-    _lce_bwd_dw_kernel[(triton.cdiv(V, k.block_v),)](
-        hidden, weight, b, rows, slot_targets, count, lse, d_loss, dw, db,
-        *hidden.stride(), *weight.stride(),
-        V, H,
-        BLOCK_M=k.block_m, BLOCK_V=k.block_v, BLOCK_H=k.block_h,
-        HAS_BIAS=has_bias, MASK_V=(V % k.block_v != 0), EVEN_H=(H % k.block_h == 0), DOT_PRECISION=precision,
-        num_warps=k.num_warps, num_stages=k.num_stages,
-    )
-    d_bias = db.to(bias.dtype) if has_bias else torch.empty(0, dtype=hidden.dtype, device=dev)
-    return d_hidden, dw.to(weight.dtype), d_bias
+    k = cfg.dz
+    chunk = vocab_chunk(cfg, n, V)
+    dz_buffer = torch.empty(n * min(chunk, V), dtype=dtype, device=dev)
+    d_weight = torch.empty(V, H, dtype=dtype, device=dev)  # every row is written by its chunk
+    d_bias32 = torch.empty(V if has_bias else 0, dtype=torch.float32, device=dev)
+    dh_c = torch.zeros(n, H, dtype=torch.float32, device=dev)
+    precision = dot_precision(dtype)
+    for v0 in range(0, V, chunk):
+        cols = min(chunk, V - v0)
+        dz = dz_buffer[: n * cols].view(n, cols)
+        _lce_dlogits_kernel[(triton.cdiv(n, k.block_m), triton.cdiv(cols, k.block_v))](
+            h_c, weight, b, tgt_c, lse_c, g_c, dz,
+            *weight.stride(),
+            n, v0, cols, H,
+            BLOCK_M=k.block_m, BLOCK_V=k.block_v, BLOCK_H=k.block_h,
+            HAS_BIAS=has_bias, MASK_V=(cols % k.block_v != 0), EVEN_H=(H % k.block_h == 0),
+            DOT_PRECISION=precision, num_warps=k.num_warps, num_stages=k.num_stages,
+        )
+        w_chunk = weight[v0 : v0 + cols]
+        # [cols, n] @ [n, H] -> [cols, H]: the reduction over every counted row in one GEMM
+        torch.mm(dz.t(), h_c, out=d_weight[v0 : v0 + cols])
+        # [n, cols] @ [cols, H] -> [n, H], added in fp32
+        dh_c += _mm_fp32(dz, w_chunk)
+        if has_bias:
+            d_bias32[v0 : v0 + cols] = dz.sum(0, dtype=torch.float32)
+    d_hidden.index_copy_(0, rows_c, dh_c.to(dtype))
+    d_bias = d_bias32.to(bias.dtype) if has_bias else torch.empty(0, dtype=dtype, device=dev)
+    return d_hidden, d_weight, d_bias
