@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from attention_cases import FAMILIES, assert_close, make_mask, make_qkv, run_with_grads, truth_and_baseline
-from conftest import DEVICE
+from conftest import DEVICE, SMALL_TILES
 from cocoa_kernels import KeyRanges, attention
+from cocoa_kernels.attention import config as attn_config
 from cocoa_kernels.attention import reference
 
 IMPLS = ("triton", "torch")
@@ -33,6 +34,30 @@ def test_mask_families_gqa(impl, family, dtype):
     mask = make_mask(family, B, N, seed=1).to(DEVICE)
     q, k, v, do = make_qkv(B, Hq, Hkv, N, D, dtype, DEVICE, seed=2)
     check_against_truth(impl, q, k, v, do, mask)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 6, 4], ids=lambda s: f"splits{s}")
+def test_dkdv_group_split(splits):
+    """dK/dV with a K/V head's six query heads split over several programs (fp32 partials summed
+    by the launcher), as short rows get on a GPU; 4 is not a divisor of 6 and rounds down to 3."""
+    cfg = attn_config.AttentionConfig(SMALL_TILES.fwd, SMALL_TILES.dq, SMALL_TILES.dkdv, dkdv_splits=splits)
+    assert attn_config.dkdv_splits(cfg, 6, 1, torch.device("cuda")) == {4: 3}.get(splits, splits)
+    mask = make_mask("eos_bridge", 2, 75, seed=23).to(DEVICE)
+    q, k, v, do = make_qkv(2, 6, 1, 75, 64, torch.bfloat16, DEVICE, seed=23)
+    with attn_config.use_config(cfg):
+        check_against_truth("triton", q, k, v, do, mask)
+
+
+def test_dkdv_split_fills_the_gpu(monkeypatch):
+    """Unpinned, the split is the smallest divisor of the group that gives every SM a program."""
+    monkeypatch.setattr(attn_config, "_sm_count", lambda index: 132)
+    cfg, gpu = SMALL_TILES, torch.device("cuda", 0)
+    assert attn_config.dkdv_splits(cfg, 6, 16, gpu) == 6  # 1k tokens, B 1, 2 K/V heads: 96 < 132
+    assert attn_config.dkdv_splits(cfg, 6, 32, gpu) == 6
+    assert attn_config.dkdv_splits(cfg, 6, 64, gpu) == 3  # 192 >= 132
+    assert attn_config.dkdv_splits(cfg, 6, 256, gpu) == 1  # 16k tokens: enough already
+    assert attn_config.dkdv_splits(cfg, 1, 4, gpu) == 1  # no group, nothing to split
+    assert attn_config.dkdv_splits(cfg, 6, 4, torch.device("cpu")) == 1
 
 
 @pytest.mark.parametrize("D", [64, 80, 96, 128, 59], ids=lambda d: f"d{d}")

@@ -8,7 +8,10 @@ multi-tile paths (masked edges, unmasked middles, partial last tiles) run at sma
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,10 @@ class AttentionConfig:
     fwd: KernelConfig
     dq: KernelConfig
     dkdv: KernelConfig
+    # Programs that share one K/V head's dK/dV (each takes GROUP / splits of its query heads and
+    # writes an fp32 partial, summed afterwards). None: as few as fill the GPU's SMs (see
+    # ``dkdv_splits``); tests pin it to run the split path at small sizes.
+    dkdv_splits: int | None = None
 
 
 _INTERPRETER = AttentionConfig(KernelConfig(32, 32), KernelConfig(32, 32), KernelConfig(32, 32))
@@ -69,6 +76,27 @@ def pick_config(block_d: int, element_size: int, on_gpu: bool) -> AttentionConfi
     if element_size >= 4:
         return _GPU_FP32
     return _GPU_16BIT[64 if block_d <= 64 else 128]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def dkdv_splits(cfg: AttentionConfig, group: int, programs: int, device: torch.device) -> int:
+    """How many programs share each K/V head in the dK/dV kernel: a divisor of ``group``.
+
+    One program per (key tile, K/V head) leaves most SMs idle when B * H_kv * N is small (B 1,
+    2 K/V heads and 1k tokens make 16 programs for 132 SMs), so the group's query heads are then
+    split over the smallest number of programs that reaches one per SM. Pinned by
+    ``cfg.dkdv_splits`` (rounded down to a divisor); 1 off the GPU."""
+    divisors = [d for d in range(1, group + 1) if group % d == 0]
+    if cfg.dkdv_splits is not None:
+        return max(d for d in divisors if d <= max(1, cfg.dkdv_splits))
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return next((d for d in divisors if programs * d >= sms), group)
 
 
 @contextlib.contextmanager

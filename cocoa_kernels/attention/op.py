@@ -42,7 +42,7 @@ def attention_bwd(
         from .triton_bwd import attention_bwd as launch
 
         cfg = pick_config(block_d_for(q.shape[-1]), q.element_size(), on_gpu=q.is_cuda)
-        return launch(do, q, k, v, out, lse, lo, hi, scale, cfg.dq, cfg.dkdv)
+        return launch(do, q, k, v, out, lse, lo, hi, scale, cfg)
     dq, dk, dv = reference.attention_backward(do, q, k, v, out, lse, lo, hi, scale)
     # Same layouts as the Triton path (and the fake kernel): gradients strided like inputs.
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)

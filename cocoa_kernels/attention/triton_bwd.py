@@ -8,7 +8,9 @@ Two kernels, no atomics, so gradients are bitwise deterministic run to run:
 2. ``_attn_bwd_dkdv_kernel``: one program per key tile and *K/V head*. It loops over the pairs
    (query tile that sees the key tile, query head of its group) (bounds from
    ``mask.key_tile_bounds``), accumulating dK and dV in registers: grouped-query attention never
-   materialises repeated K/V, and no two programs write the same dK/dV element.
+   materialises repeated K/V, and no two programs write the same dK/dV element. When that grid
+   is too small to fill the GPU (short rows, few K/V heads), the group's query heads are split
+   over ``splits`` programs, each writing an fp32 partial that the launcher sums in a fixed order.
 
 Probabilities are recomputed from the forward's log-sum-exp (log2 units); rows that saw nothing have
 ``lse = +inf``, so their probabilities, and every gradient through them, are exactly zero.
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..mask import key_tile_bounds, query_tile_bounds
-from .config import KernelConfig, block_d_for
+from .config import AttentionConfig, block_d_for, dkdv_splits
 from .triton_common import LOG2E, dot_precision, load_bounds, load_tile, score_tile
 
 
@@ -106,16 +108,16 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_head0, do_head0, stride_qh, stride_qn, stride_doh, stride_don, lse_head0, delta_head0,
-    lo_base, hi_base, cols, offs_m, offs_d, start, end, GROUP, N, D, scale_log2,
+    lo_base, hi_base, cols, offs_m, offs_d, start, end, HEADS, N, D, scale_log2,
     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # One flat loop over (query tile, query head of the group) pairs. A head loop around the
-    # pipelined tile loop made ptxas spill at GROUP > 1 on sm_90; the mask does not depend on the
-    # head, so the masked/unmasked split is the same for every pair.
+    # One flat loop over (query tile, query head) pairs for this program's HEADS heads. A head
+    # loop around the pipelined tile loop made ptxas spill at GROUP > 1 on sm_90; the mask does
+    # not depend on the head, so the masked/unmasked split is the same for every pair.
     zero64 = start.to(tl.int64) * 0
-    for it in range(0, tl.cdiv(end - start, BLOCK_M) * GROUP):
-        g = zero64 + it % GROUP
-        start_m = start + (it // GROUP) * BLOCK_M
+    for it in range(0, tl.cdiv(end - start, BLOCK_M) * HEADS):
+        g = zero64 + it % HEADS
+        start_m = start + (it // HEADS) * BLOCK_M
         row0 = start_m.to(tl.int64)
         rows = start_m + offs_m
         q = load_tile(q_head0 + g * stride_qh + row0 * stride_qn, rows, offs_d, N, D, MASKED, EVEN_D)
@@ -154,17 +156,23 @@ def _attn_bwd_dkdv_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    N, H_Q, GROUP, D, NUM_KEY_TILES, scale, scale_log2,
+    stride_dks, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvs, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    N, H_Q, GROUP, SPLITS, D, NUM_KEY_TILES, scale, scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """K, V, DK, DV: (B, H_Q // GROUP, N, D); Q, DO: (B, H_Q, N, D); any strides.
+    """K, V: (B, H_Q // GROUP, N, D); Q, DO: (B, H_Q, N, D); any strides.
+    DK, DV: (SPLITS, B, H_Q // GROUP, N, D): with SPLITS = 1 the gradients themselves (split
+    stride unused), else fp32 partials; program (j, (b * H_kv + h) * SPLITS + s) takes query
+    heads [s * GROUP / SPLITS, (s + 1) * GROUP / SPLITS) of K/V head h and writes split s.
     Bounds: (B, NUM_KEY_TILES, 4) int32 query-row bounds [begin, full_begin, full_end, end)."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bhs = tl.program_id(1)
     h_kv_count = H_Q // GROUP
+    heads = GROUP // SPLITS
+    split = (pid_bhs % SPLITS).to(tl.int64)
+    pid_bh = pid_bhs // SPLITS
     b = (pid_bh // h_kv_count).to(tl.int64)
     h_kv = (pid_bh % h_kv_count).to(tl.int64)
 
@@ -182,30 +190,33 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    h0 = h_kv * GROUP  # first query head of this K/V head's group
+    h0 = h_kv * GROUP + split * heads  # first query head of this program's share of the group
     q_head0 = Q + b * stride_qb + h0 * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     do_head0 = DO + b * stride_dob + h0 * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
     lse_head0 = Lse + (b * H_Q + h0) * N
     delta_head0 = Delta + (b * H_Q + h0) * N
     dk, dv = _dkdv_inner(dk, dv, k, v, q_head0, do_head0, stride_qh, stride_qn, stride_doh, stride_don,
                          lse_head0, delta_head0, lo_base, hi_base, cols, offs_m, offs_d, q_begin, full_begin,
-                         GROUP, N, D, scale_log2, BLOCK_M, True, EVEN_D, DOT_PRECISION)
+                         heads, N, D, scale_log2, BLOCK_M, True, EVEN_D, DOT_PRECISION)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_head0, do_head0, stride_qh, stride_qn, stride_doh, stride_don,
                          lse_head0, delta_head0, lo_base, hi_base, cols, offs_m, offs_d, full_begin, full_end,
-                         GROUP, N, D, scale_log2, BLOCK_M, False, EVEN_D, DOT_PRECISION)
+                         heads, N, D, scale_log2, BLOCK_M, False, EVEN_D, DOT_PRECISION)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_head0, do_head0, stride_qh, stride_qn, stride_doh, stride_don,
                          lse_head0, delta_head0, lo_base, hi_base, cols, offs_m, offs_d, full_end, q_end,
-                         GROUP, N, D, scale_log2, BLOCK_M, True, EVEN_D, DOT_PRECISION)
+                         heads, N, D, scale_log2, BLOCK_M, True, EVEN_D, DOT_PRECISION)
 
     out_mask = (cols[:, None] < N) & (offs_d[None, :] < D)
-    dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + cols64 * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + cols64 * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_ptrs = (DK + split * stride_dks + b * stride_dkb + h_kv * stride_dkh + cols64 * stride_dkn
+               + offs_d[None, :] * stride_dkd)
+    dv_ptrs = (DV + split * stride_dvs + b * stride_dvb + h_kv * stride_dvh + cols64 * stride_dvn
+               + offs_d[None, :] * stride_dvd)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
-def attention_bwd(do, q, k, v, out, lse, lo, hi, scale: float, dq_cfg: KernelConfig, dkdv_cfg: KernelConfig):
+def attention_bwd(do, q, k, v, out, lse, lo, hi, scale: float, cfg: AttentionConfig):
     """Launch the backward; returns (dq, dk, dv) shaped and strided like (q, k, v)."""
+    dq_cfg, dkdv_cfg = cfg.dq, cfg.dkdv
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     dq = torch.empty_like(q)
@@ -227,12 +238,21 @@ def attention_bwd(do, q, k, v, out, lse, lo, hi, scale: float, dq_cfg: KernelCon
 
     bounds = key_tile_bounds(lo, hi, dkdv_cfg.block_m, dkdv_cfg.block_n)
     num_key_tiles = bounds.shape[1]
-    grid = (num_key_tiles, B * Hkv)
-    _attn_bwd_dkdv_kernel[grid](
-        q, k, v, do, dk, dv, lse, delta, lo, hi, bounds,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        N, Hq, Hq // Hkv, D, num_key_tiles, scale, scale * LOG2E,
+    group = Hq // Hkv
+    splits = dkdv_splits(cfg, group, num_key_tiles * B * Hkv, q.device)
+    if splits == 1:
+        dk_out, dv_out = dk.unsqueeze(0), dv.unsqueeze(0)  # split stride never used
+    else:
+        dk_out = torch.empty(splits, B, Hkv, N, D, dtype=torch.float32, device=q.device)
+        dv_out = torch.empty_like(dk_out)
+    _attn_bwd_dkdv_kernel[(num_key_tiles, B * Hkv * splits)](
+        q, k, v, do, dk_out, dv_out, lse, delta, lo, hi, bounds,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_out.stride(), *dv_out.stride(),
+        N, Hq, group, splits, D, num_key_tiles, scale, scale * LOG2E,
         BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, **common,
         num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages,
     )
+    if splits > 1:  # fixed summation order: still bitwise deterministic
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
     return dq, dk, dv
