@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="results file name (default: <date>-<gpu>.json)")
     p.add_argument("--only", type=_csv, default=None, help="comma-separated sections: attention,loss,sweep,e2e")
     p.add_argument("--attention-impls", type=_csv, default=None, help="cocoa,flex_attention,sdpa,flash_attn")
-    p.add_argument("--loss-impls", type=_csv, default=None, help="cocoa,torch_compact,torch_full,liger,cut_cross_entropy")
+    p.add_argument("--loss-impls", type=_csv, default=None, help="cocoa,torch_compact,torch_full,liger,cut_cross_entropy,cut_cross_entropy_exact")
     p.add_argument("--e2e-impls", type=_csv, default=None, help="cocoa_triton,sdpa,flex_attention,cocoa_triton+lce")
     p.add_argument("--e2e-layers", type=int, default=None, help="decoder layers of the end-to-end model (default 28; smoke 2)")
     p.add_argument("--sweep", type=lambda s: tuple(int(x) for x in _csv(s)), default=None,

@@ -11,7 +11,10 @@ counted rows of ``x.hidden`` (T, H) against ``x.labels`` (T,) (-100 = not counte
   reduction="mean")(W, hidden, labels)`` (chunked logits of every row; computes the gradients
   during the forward, so its fwd/bwd split is not comparable: compare fwd+bwd).
 - ``cut_cross_entropy``: ``cut_cross_entropy.linear_cross_entropy(hidden, W, labels,
-  ignore_index=-100, reduction="mean")`` with its defaults (impl "cce", gradient filtering on).
+  ignore_index=-100, reduction="mean")`` with its defaults (impl "cce", gradient filtering on:
+  vocab blocks whose softmax entries all fall below ~2^-12 skip the backward's products, an
+  approximation that random weights, with their nearly flat softmax, make especially cheap).
+- ``cut_cross_entropy_exact``: the same with ``filter_eps=None``, exact gradients like ours.
 """
 
 from __future__ import annotations
@@ -114,17 +117,28 @@ class Liger:
 class CutCrossEntropy:
     name = "cut_cross_entropy"
     ours = False
+    options: dict = {}  # extra keywords for cut_cross_entropy.linear_cross_entropy
+    detail = "default impl and filter_eps (gradient filtering on)"
 
     def prepare(self, w: LossWorkload, device) -> Prepared:
         _require("cut_cross_entropy", "cut-cross-entropy")
         _require_cuda(device)
         from cut_cross_entropy import linear_cross_entropy as cce
 
+        options = dict(self.options)
+
         def call(weight, x: LossInputs):
-            return _scalar(cce(x.hidden, weight, x.labels, ignore_index=IGNORE_INDEX, reduction="mean"))
+            return _scalar(cce(x.hidden, weight, x.labels, ignore_index=IGNORE_INDEX, reduction="mean", **options))
 
         return Prepared(call, info={"detail": "cut_cross_entropy.linear_cross_entropy(hidden, W, labels, "
-                                              "ignore_index=-100, reduction='mean'), default impl and filter_eps"})
+                                              f"ignore_index=-100, reduction='mean'), {self.detail}"})
 
 
-IMPLS = {impl.name: impl for impl in (CocoaLoss(), TorchCompact(), TorchFull(), Liger(), CutCrossEntropy())}
+class CutCrossEntropyExact(CutCrossEntropy):
+    name = "cut_cross_entropy_exact"
+    options = {"filter_eps": None}
+    detail = "filter_eps=None (exact gradients, no filtering)"
+
+
+IMPLS = {impl.name: impl for impl in (CocoaLoss(), TorchCompact(), TorchFull(), Liger(), CutCrossEntropy(),
+                                      CutCrossEntropyExact())}
