@@ -1,5 +1,5 @@
-"""Stage runner on transformers' Trainer: one GPU, many (torchrun/accelerate: DDP, FSDP, DeepSpeed)
-or the CPU run the same code.
+"""Stage runner on transformers' Trainer: one GPU, many (torchrun/accelerate: DDP and FSDP2 are
+tested on CPU ranks in tests/test_distributed.py; DeepSpeed is not) or the CPU run the same code.
 
 ``run_stage`` trains one CoCoA stage and writes ``DIR/final`` (backbone in safetensors via
 ``save_pretrained``, heads beside it); checkpoints go to ``DIR/checkpoint-*`` and a run resumes
