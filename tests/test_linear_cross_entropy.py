@@ -156,18 +156,24 @@ def test_reference_in_chunks_matches_one_chunk(monkeypatch):
 
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["interpreter", "gpu"])
 @pytest.mark.parametrize("rows", [1, 37, 6554, 200_000])
-def test_backward_vocab_chunks_fit_the_buffer(on_gpu, rows):
-    """The backward's chunk of logit gradients: whole tiles, within the configured buffer unless a
-    single tile is already larger, never wider than the vocab. The interpreter's small buffer
-    gives the odd-size tests several chunks with a partial last one."""
+def test_backward_vocab_chunks_fit_the_budget(on_gpu, rows):
+    """The backward's vocab chunk C: whole tiles (or the whole vocab); dz (rows x C) and the fp32
+    d_weight rows (C x H) within the budget unless C is at its floor of H columns (then dz is
+    at most about the d_hidden buffer's rows x H). The interpreter's small budget gives the
+    odd-size tests several chunks with a partial last one."""
     for dtype in (torch.bfloat16, torch.float32):
         cfg = config.pick_config(on_gpu, dtype)
+        tile = cfg.dz.block_v
         for V in (300, 1007, 151_936):
-            chunk = config.vocab_chunk(cfg, rows, V)
-            assert chunk == V or chunk % cfg.dz.block_v == 0
-            assert 0 < chunk <= V
-            assert rows * chunk <= cfg.dz_buffer_elems or chunk == min(V, cfg.dz.block_v)
-    assert config.vocab_chunk(config.pick_config(False, torch.bfloat16), 37, 1007) < 1007
+            for H in (64, 80, 1536, 3584):
+                chunk = config.vocab_chunk(cfg, rows, V, H)
+                assert chunk == V or chunk % tile == 0
+                assert 0 < chunk <= V
+                floor = -(-H // tile) * tile
+                assert chunk >= min(V, floor)
+                if chunk > floor:
+                    assert rows * chunk <= cfg.chunk_elems and chunk * H <= cfg.chunk_elems
+    assert config.vocab_chunk(config.pick_config(False, torch.bfloat16), 37, 1007, 80) < 1007
 
 
 def test_default_impl_follows_device():

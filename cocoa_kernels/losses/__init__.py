@@ -44,8 +44,8 @@ def linear_cross_entropy(
         - Only the positions that count are computed: rows whose label is ``ignore_index`` are
           dropped (compacted on the device) before any matrix work, and the (tokens x V) logits
           never exist in memory: the forward keeps an online log-sum-exp over vocab tiles, the
-          backward holds one bounded chunk of the logits' gradient at a time (128 MiB on a GPU,
-          whatever T and V) for its two GEMMs. Accumulation is fp32.
+          backward holds one bounded chunk of the logits' gradient at a time (64 Mi elements,
+          128 MiB of bf16, on a GPU) for its two GEMMs. Accumulation is fp32.
         - ``shift=k`` (needs (B, N, H)) scores the hidden state at position i of a row against the
           label at position i + k of the same row (``shift=1``: masked next-token prediction);
           the last k positions of every row score nothing. ``shift=0`` scores i against i.

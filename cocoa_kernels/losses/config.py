@@ -14,13 +14,14 @@ GPU table for 16-bit inputs (Hopper; starting points, to be re-measured on the H
   the same tile (above all the same BLOCK_H chunks of the reduction) the two are the same bits
   and the rounding cancels, which matters for large logits in fp32 (a test has logits of std
   60). The backward's two big products run in cuBLAS (see ``triton_bwd``).
-- ``dz_buffer_elems``: the backward's chunk of logit gradients holds at most this many elements
-  (64 Mi: 128 MiB in bf16); the chunk width follows from the number of counted rows.
+- ``chunk_elems``: the backward's vocab chunk keeps its logit gradients (counted rows x C, in the
+  inputs' dtype) and its fp32 d_weight rows (C x H) within this many elements each: 64 Mi, i.e.
+  128 MiB of bf16 and 256 MiB of fp32 (see ``vocab_chunk`` for the one exception).
 
 fp32 inputs use exact fp32 products (``input_precision="ieee"``: no tensor cores), which spill
 at those sizes; they get ``64 x 64 x 16`` tiles. fp32 is the precise path, not the fast one.
 
-The interpreter gets small tiles (every tl.dot dim >= 16), fixed splits and a tiny dz buffer, so
+The interpreter gets small tiles (every tl.dot dim >= 16), fixed splits and a tiny chunk budget, so
 that tests at V ~ 1000, H ~ 80 already cover partial vocab tiles, partial hidden chunks, the split
 combine and several backward chunks with a partial last one.
 """
@@ -47,14 +48,14 @@ class LossConfig:
     fwd: KernelConfig
     dz: KernelConfig  # the backward's logit-gradient kernel
     fwd_splits: int | None = None  # vocab splits per row tile in the forward; None: from the grid
-    dz_buffer_elems: int = 1 << 26  # most logit-gradient elements the backward holds at once
+    chunk_elems: int = 1 << 26  # the backward's chunk budget, in elements (see vocab_chunk)
 
 
 _INTERPRETER = LossConfig(
     fwd=KernelConfig(16, 128, 64),
     dz=KernelConfig(16, 128, 64),
     fwd_splits=3,
-    dz_buffer_elems=8192,
+    chunk_elems=8192,
 )
 
 _GPU_16BIT = LossConfig(
@@ -96,11 +97,16 @@ def fwd_splits(cfg: LossConfig, T: int, V: int, device: torch.device) -> tuple[i
     return -(-V // split_cols), split_cols
 
 
-def vocab_chunk(cfg: LossConfig, n_rows: int, V: int) -> int:
-    """Vocab columns per backward chunk: as many whole ``dz`` tiles as keep ``n_rows x chunk``
-    within ``cfg.dz_buffer_elems`` (at least one tile, at most the whole vocab)."""
+def vocab_chunk(cfg: LossConfig, n_rows: int, V: int, H: int) -> int:
+    """Vocab columns C per backward chunk, in whole ``dz`` tiles, at most the whole vocab.
+
+    Two buffers scale with C: dz (n_rows, C) and the fp32 d_weight rows (C, H) before rounding;
+    C keeps both within ``cfg.chunk_elems``, but is never narrower than H (rounded up to a tile):
+    each chunk also adds an (n_rows, H) fp32 product into the d_hidden buffer, and with C >= H
+    that update never moves more bytes than dz itself. (With very many counted rows dz then
+    grows past the budget, to about n_rows x H: the size of the d_hidden buffer itself.)"""
     tile = cfg.dz.block_v
-    tiles = max(1, cfg.dz_buffer_elems // max(1, n_rows) // tile)
+    tiles = max(cfg.chunk_elems // max(1, n_rows, H) // tile, -(-H // tile), 1)
     return min(tiles * tile, V)
 
 

@@ -6,16 +6,21 @@ gathers the n counted rows once (``h_c``, (n, H)) and walks the vocab in chunks 
 1. ``_lce_dlogits_kernel`` recomputes the chunk's logits tile by tile from ``h_c`` and the weight
    rows (a GEMM over H with an fp32 accumulator), turns them into ``dz`` with the forward's
    log-sum-exp and stores ``dz`` (n, C) in the inputs' dtype;
-2. ``d_weight[chunk] = dz.T @ h_c``: one GEMM whose reduction runs over all counted rows, written
-   straight into the chunk's rows of ``d_weight`` (no accumulator, no second pass);
+2. ``d_weight[chunk] = dz.T @ h_c``: one GEMM whose reduction runs over all counted rows, in
+   fp32, rounded once into the chunk's rows of ``d_weight`` (no accumulator across chunks);
 3. ``d_hidden_c += dz @ weight[chunk]``: products accumulated in fp32 (cuBLAS with an fp32
    output where PyTorch offers it), into an (n, H) fp32 buffer, scattered back at the end.
 
 Why chunks of dz and not a fully fused kernel: a fused kernel that owns rows (or vocab entries)
 has to read-modify-write an fp32 (rows x H) accumulator in memory once per tile, since H (1,536 and
-up) does not fit in registers; at V = 152k that traffic is tens of GB per call, against ~2 GB for
-writing and re-reading dz in bf16 here. The big products then run as plain GEMMs. C is chosen so
-that dz stays within ``LossConfig.dz_buffer_elems`` (128 MiB of bf16 on a GPU), whatever n and V.
+up) does not fit in registers; at V = 152k and 6.5k counted rows that traffic is ~100 GB per
+call, against ~6 GB here (dz written once in bf16, read once by each GEMM). The
+big products then run as plain GEMMs. ``config.vocab_chunk`` picks C so that dz and the fp32
+d_weight rows of a chunk stay within ``LossConfig.chunk_elems`` (64 Mi elements on a GPU), with
+C at least H so that the per-chunk update of the fp32 (n, H) buffer moves no more bytes than dz.
+
+fp32 inputs: the Triton kernels use exact fp32 products; the GEMMs are PyTorch's, so they follow
+``torch.backends.cuda.matmul`` (TF32 only if the user turned it on, as for any fp32 matmul).
 
 Only the counted rows are ever loaded. The number of counted rows sizes the GEMMs, so the
 backward reads it on the host once (one sync per backward call). Every step is a fixed sequence
@@ -23,6 +28,8 @@ of deterministic kernels: gradients are bitwise equal run to run.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
@@ -32,6 +39,8 @@ from .compact import compact_rows
 from .config import LossConfig, vocab_chunk
 from .triton_common import add_bias, dot_precision, logits_tile, softmax_grad
 
+_GROUP_M = 8  # row tiles per group in the logit-gradient kernel's launch order
+
 
 @triton.jit
 def _lce_dlogits_kernel(
@@ -40,14 +49,26 @@ def _lce_dlogits_kernel(
     n_rows, v0, n_cols, H,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_V: tl.constexpr, EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """HC: (n_rows, H) contiguous, the counted rows; Weight: (V, H), any strides; Bias: (V,)
     contiguous or unused. Targets: (n_rows,) int32; Lse: (n_rows,) float32 in log2 units;
     DLoss: (n_rows,) float32. DZ: (n_rows, n_cols) contiguous, the gradient of the logits of
-    vocab columns ``[v0, v0 + n_cols)``; program (i, j) writes its [BLOCK_M, BLOCK_V] tile.
-    MASK_V: n_cols is not a multiple of BLOCK_V (only the chunk's last column tile is partial)."""
-    pid_m = tl.program_id(0)  # row tiles vary fastest: neighbours share the weight tile in L2
-    pid_v = tl.program_id(1)
+    vocab columns ``[v0, v0 + n_cols)``; each program writes one [BLOCK_M, BLOCK_V] tile.
+    MASK_V: n_cols is not a multiple of BLOCK_V (only the chunk's last column tile is partial).
+
+    1-D grid, grouped order: programs walk GROUP_M row tiles down one column tile, then the
+    next column tile, so the programs resident at once share a few weight tiles and a few
+    row tiles in L2 (row-tiles-fastest would stream all of HC once per column tile when it
+    outgrows L2)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_rows, BLOCK_M)
+    num_v = tl.cdiv(n_cols, BLOCK_V)
+    per_group = GROUP_M * num_v
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_v = (pid % per_group) // rows_in_group
     slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot_ok = slots < n_rows
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -68,15 +89,17 @@ def _lce_dlogits_kernel(
     tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=slot_ok[:, None] & col_ok[None, :])
 
 
-_FP32_OUT_MM = True  # cleared the first time torch.mm(..., out_dtype=float32) is refused
+# torch.mm(a, b, out_dtype=torch.float32) for 16-bit CUDA inputs: PyTorch 2.8 and later.
+_FP32_OUT_MM = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` with fp32 accumulation and an fp32 result, for 16-bit or fp32 inputs.
 
-    On CUDA, 16-bit inputs use cuBLAS with an fp32 output (``out_dtype``, PyTorch >= 2.8); where
-    that is refused, the product is rounded to the inputs' dtype once per vocab chunk. Elsewhere
-    (the interpreter tests) the operands are upcast, which is the same arithmetic."""
+    On CUDA, 16-bit inputs use cuBLAS with an fp32 output (``out_dtype``). Where PyTorch lacks or
+    refuses it, the product is rounded to the inputs' dtype first (with a warning, once; an
+    out-of-memory error is raised as it is). Elsewhere (the interpreter tests) the operands are
+    upcast, which is the same arithmetic as the fp32 output."""
     global _FP32_OUT_MM
     if a.dtype == torch.float32:
         return torch.mm(a, b)
@@ -85,8 +108,12 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _FP32_OUT_MM:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError) as e:
             _FP32_OUT_MM = False
+            warnings.warn(f"linear_cross_entropy backward: torch.mm(out_dtype=float32) failed ({e}); "
+                          "products are rounded to the inputs' dtype before fp32 accumulation", stacklevel=2)
     return torch.mm(a, b).float()
 
 
@@ -115,7 +142,7 @@ def lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index: int, cfg: 
     b = bias.contiguous() if has_bias else weight  # never read without HAS_BIAS
 
     k = cfg.dz
-    chunk = vocab_chunk(cfg, n, V)
+    chunk = vocab_chunk(cfg, n, V, H)
     dz_buffer = torch.empty(n * min(chunk, V), dtype=dtype, device=dev)
     d_weight = torch.empty(V, H, dtype=dtype, device=dev)  # every row is written by its chunk
     d_bias32 = torch.empty(V if has_bias else 0, dtype=torch.float32, device=dev)
@@ -124,17 +151,18 @@ def lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index: int, cfg: 
     for v0 in range(0, V, chunk):
         cols = min(chunk, V - v0)
         dz = dz_buffer[: n * cols].view(n, cols)
-        _lce_dlogits_kernel[(triton.cdiv(n, k.block_m), triton.cdiv(cols, k.block_v))](
+        _lce_dlogits_kernel[(triton.cdiv(n, k.block_m) * triton.cdiv(cols, k.block_v),)](
             h_c, weight, b, tgt_c, lse_c, g_c, dz,
             *weight.stride(),
             n, v0, cols, H,
             BLOCK_M=k.block_m, BLOCK_V=k.block_v, BLOCK_H=k.block_h,
             HAS_BIAS=has_bias, MASK_V=(cols % k.block_v != 0), EVEN_H=(H % k.block_h == 0),
-            DOT_PRECISION=precision, num_warps=k.num_warps, num_stages=k.num_stages,
+            DOT_PRECISION=precision, GROUP_M=_GROUP_M, num_warps=k.num_warps, num_stages=k.num_stages,
         )
         w_chunk = weight[v0 : v0 + cols]
-        # [cols, n] @ [n, H] -> [cols, H]: the reduction over every counted row in one GEMM
-        torch.mm(dz.t(), h_c, out=d_weight[v0 : v0 + cols])
+        # [cols, n] @ [n, H] -> [cols, H]: the reduction over every counted row in one GEMM, in fp32
+        # (a bf16 output may let cuBLAS reduce split-K partials in bf16), rounded once
+        d_weight[v0 : v0 + cols].copy_(_mm_fp32(dz.t(), h_c))
         # [n, cols] @ [cols, H] -> [n, H], added in fp32
         dh_c += _mm_fp32(dz, w_chunk)
         if has_bias:
