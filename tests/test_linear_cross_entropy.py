@@ -59,6 +59,14 @@ def test_flat_rows_every_label_counts(impl, dtype):
     check_against_truth(impl, hidden, weight, labels, None, up, reduction="sum")
 
 
+def test_many_row_tiles_grouped_launch_order():
+    """170 counted rows: 11 row tiles of the interpreter's 16, i.e. two launch groups of 8 row
+    tiles, the second one partial; H = 136 makes each backward chunk two column tiles wide
+    (V = 600: two chunks of 256 and a partial one)."""
+    hidden, weight, bias, labels, up = make_inputs((170,), 136, 600, torch.float32, DEVICE, seed=21, ignore_frac=0.0)
+    check_against_truth("triton", hidden, weight, labels, bias, up, reduction="sum")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_shift2_int32_labels_per_position(impl):
     hidden, weight, bias, labels, up = make_inputs((3, 23), 64, 513, torch.float32, DEVICE, seed=3,
