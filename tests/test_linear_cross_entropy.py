@@ -274,6 +274,37 @@ def test_opcheck(impl, with_bias):
     args = (up.float(), hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels,
             lse, IGNORE, impl)
     torch.library.opcheck(op.linear_cross_entropy_bwd, args)
+    torch.library.opcheck(op.linear_cross_entropy_bwd, args + (True, False, False))
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden", "bias"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_only_the_gradients_autograd_asks_for(impl, frozen):
+    """A frozen LM head (LoRA), a frozen backbone or a frozen bias: the other gradients are the
+    same bits as when everything trains, and the backward op returns nothing (an empty tensor)
+    for what is not asked, so no (V, H) d_weight is ever allocated for a frozen head."""
+    hidden, weight, bias, labels, up = make_inputs((2, 29), 80, 1007, torch.bfloat16, DEVICE, seed=22)
+
+    def fn(h, w, b):
+        return linear_cross_entropy(h, w, labels, bias=b, shift=1, reduction="none", impl=impl)
+
+    everything = run_with_grads(fn, hidden, weight, bias, up)
+    leaves = {"hidden": hidden.clone().requires_grad_(), "weight": weight.clone().requires_grad_(),
+              "bias": bias.clone().requires_grad_()}
+    leaves[frozen].requires_grad_(False)
+    loss = fn(leaves["hidden"], leaves["weight"], leaves["bias"])
+    trained = [n for n in ("hidden", "weight", "bias") if n != frozen]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in trained], up.to(loss.dtype))
+    for name, g in zip(trained, grads):
+        assert torch.equal(g, everything[NAMES.index(f"d_{name}")]), name
+
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    _, lse = op.linear_cross_entropy_fwd(h2, weight, bias, targets, IGNORE, impl)
+    wanted = [n != frozen for n in ("hidden", "weight", "bias")]
+    outs = op.linear_cross_entropy_bwd(up.reshape(-1).float(), h2, weight, bias, targets, lse, IGNORE, impl, *wanted)
+    for name, want, out in zip(("hidden", "weight", "bias"), wanted, outs):
+        assert (out.numel() > 0) == want, name
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -52,7 +52,9 @@ def linear_cross_entropy(
         - "mean" divides by the number of labels that count (0.0 with zero gradients when none
           does, never NaN); "sum" adds them; "none" puts each label's loss at the label's own
           position (position i + k for the hidden state at i) and 0 where nothing is scored.
-        - Differentiable in hidden, weight and bias. Gradients are bitwise deterministic.
+        - Differentiable in hidden, weight and bias; only the gradients autograd asks for are
+          computed (a frozen LM head, as under LoRA, costs no d_weight). Gradients are bitwise
+          deterministic.
         - ``impl``: None picks Triton for CUDA tensors and PyTorch otherwise; "triton" or "torch"
           forces one (see ``cocoa_kernels._backend``). Labels outside [0, V) that are not
           ``ignore_index`` raise a ValueError (this check syncs with the host once per call; the

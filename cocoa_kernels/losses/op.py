@@ -4,8 +4,9 @@
 cross-entropy of each row whose target is not ``ignore_index`` (0 on the others) and the
 log-sum-exp in the units the same implementation's backward expects (log2 for Triton, natural log
 for PyTorch; it never leaves this module). ``cocoa::linear_cross_entropy_bwd`` returns
-``(d_hidden, d_weight, d_bias)`` for an upstream gradient per row (``d_bias`` is empty without a
-bias). Both compact the counted rows themselves and dispatch on ``impl`` ("triton" or "torch"),
+``(d_hidden, d_weight, d_bias)`` for an upstream gradient per row, computing only those autograd
+asks for (a frozen LM head under LoRA costs no d_weight GEMM and no (V, H) buffer); a gradient
+not asked for, and ``d_bias`` without a bias, is an empty tensor. Both compact the counted rows themselves and dispatch on ``impl`` ("triton" or "torch"),
 so ``torch.compile`` traces through the loss without graph breaks whichever runs underneath.
 """
 
@@ -60,21 +61,26 @@ def _(hidden, weight, bias, targets, ignore_index, impl):
 def linear_cross_entropy_bwd(
     d_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     targets: torch.Tensor, lse: torch.Tensor, ignore_index: int, impl: str,
+    hidden_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    wanted = (hidden_grad, weight_grad, bias_grad and bias is not None)
     if impl == "triton":
         from .triton_bwd import lce_bwd
 
         choose_impl("linear_cross_entropy", hidden.device, impl)
         cfg = pick_config(hidden.is_cuda, hidden.dtype)
-        return lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index, cfg)
-    return reference.lce_backward(d_loss, hidden, weight, bias, targets, lse, ignore_index)
+        return lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index, cfg, wanted)
+    return reference.lce_backward(d_loss, hidden, weight, bias, targets, lse, ignore_index, wanted)
 
 
 @linear_cross_entropy_bwd.register_fake
-def _(d_loss, hidden, weight, bias, targets, lse, ignore_index, impl):
+def _(d_loss, hidden, weight, bias, targets, lse, ignore_index, impl, hidden_grad=True, weight_grad=True,
+      bias_grad=True):
     T, H = hidden.shape
     V = weight.shape[0]
-    return hidden.new_empty(T, H), weight.new_empty(V, H), hidden.new_empty(V if bias is not None else 0)
+    return (hidden.new_empty(T, H) if hidden_grad else hidden.new_empty(0),
+            weight.new_empty(V, H) if weight_grad else weight.new_empty(0),
+            hidden.new_empty(V if bias is not None and bias_grad else 0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,12 +93,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, d_loss, d_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
-    if d_loss is None:
+    needs = ctx.needs_input_grad[:3]
+    if d_loss is None or not any(needs):
         return None, None, None, None, None, None
     d_hidden, d_weight, d_bias = linear_cross_entropy_bwd(
-        d_loss, hidden, weight, bias, targets, lse, ctx.ignore_index, ctx.impl
+        d_loss, hidden, weight, bias, targets, lse, ctx.ignore_index, ctx.impl, *needs
     )
-    return d_hidden, d_weight, (d_bias if bias is not None else None), None, None, None
+    return (d_hidden if needs[0] else None, d_weight if needs[1] else None,
+            d_bias if needs[2] and bias is not None else None, None, None, None)
 
 
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)

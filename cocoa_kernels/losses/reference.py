@@ -50,24 +50,30 @@ def lce_forward(hidden, weight, bias, targets, ignore_index: int):
     return loss, lse
 
 
-def lce_backward(d_loss, hidden, weight, bias, targets, lse, ignore_index: int):
-    """Gradients (d_hidden, d_weight, d_bias) of ``sum(d_loss * loss)``; d_bias is an empty tensor
-    without bias. Outputs contiguous, in the inputs' dtypes."""
+def lce_backward(d_loss, hidden, weight, bias, targets, lse, ignore_index: int, wanted=(True, True, True)):
+    """Gradients (d_hidden, d_weight, d_bias) of ``sum(d_loss * loss)``, each computed only if
+    ``wanted`` says so (else an empty tensor, as is d_bias without a bias). Outputs contiguous, in
+    the inputs' dtypes."""
     T, H = hidden.shape
     V = weight.shape[0]
+    want_h, want_w, want_b = wanted[0], wanted[1], wanted[2] and bias is not None
     dtype = _compute_dtype(hidden.dtype)
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
-    d_hidden = torch.zeros(T, H, dtype=dtype, device=hidden.device)
-    d_weight = torch.zeros(V, H, dtype=dtype, device=hidden.device)
-    d_bias = torch.zeros(V if bias is not None else 0, dtype=dtype, device=hidden.device)
+    d_hidden = torch.zeros(T if want_h else 0, H, dtype=dtype, device=hidden.device)
+    d_weight = torch.zeros(V if want_w else 0, H, dtype=dtype, device=hidden.device)
+    d_bias = torch.zeros(V if want_b else 0, dtype=dtype, device=hidden.device)
     for rows in _row_chunks(targets, ignore_index, V):
         z = _logits(hidden, w, b, rows, dtype)
         dz = torch.exp(z - lse[rows].to(dtype)[:, None])
         dz[torch.arange(rows.numel(), device=z.device), targets[rows].long()] -= 1
         dz *= d_loss[rows].to(dtype)[:, None]
-        d_hidden[rows] = dz @ w
-        d_weight += dz.T @ hidden.index_select(0, rows).to(dtype)
-        if bias is not None:
+        if want_h:
+            d_hidden[rows] = dz @ w
+        if want_w:
+            d_weight += dz.T @ hidden.index_select(0, rows).to(dtype)
+        if want_b:
             d_bias += dz.sum(0)
-    return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(hidden.dtype)
+    d_hidden = d_hidden.to(hidden.dtype) if want_h else hidden.new_empty(0)
+    d_weight = d_weight.to(weight.dtype) if want_w else weight.new_empty(0)
+    return d_hidden, d_weight, d_bias.to(hidden.dtype)

@@ -117,22 +117,26 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
-def lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index: int, cfg: LossConfig):
+def lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index: int, cfg: LossConfig,
+            wanted=(True, True, True)):
     """Gradients of ``sum(d_loss * loss)`` where ``loss, lse = triton_fwd.lce_fwd(...)``.
 
     d_loss: (T,) float, the upstream gradient of each row's loss (ignored rows: any value).
+    wanted: which of (d_hidden, d_weight, d_bias) to compute; the others come back empty.
     Returns ``d_hidden`` (T, H), ``d_weight`` (V, H) (both contiguous, in the inputs' dtype) and
-    ``d_bias`` (V,) in bias's dtype, or an empty tensor when there is no bias."""
+    ``d_bias`` (V,) in bias's dtype (empty when there is no bias)."""
     T, H = hidden.shape
     V = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
     has_bias = bias is not None
-    d_hidden = torch.zeros(T, H, dtype=dtype, device=dev)  # rows that do not count: exactly 0
+    want_h, want_w, want_b = wanted[0], wanted[1], wanted[2] and has_bias
+    # rows that do not count get exactly 0
+    d_hidden = torch.zeros(T, H, dtype=dtype, device=dev) if want_h else hidden.new_empty(0)
     rows, count, slot_targets = compact_rows(targets, ignore_index)
     n = int(count.item()) if T else 0  # the one host sync: it sizes the GEMMs below
-    if n == 0:
-        d_bias = torch.zeros(V if has_bias else 0, dtype=dtype, device=dev)
-        return d_hidden, torch.zeros(V, H, dtype=dtype, device=dev), d_bias
+    if n == 0 or not (want_h or want_w or want_b):
+        d_weight = torch.zeros(V, H, dtype=dtype, device=dev) if want_w else weight.new_empty(0)
+        return d_hidden, d_weight, torch.zeros(V if want_b else 0, dtype=dtype, device=dev)
 
     rows_c = rows[:n].long()
     h_c = hidden.index_select(0, rows_c)  # (n, H) contiguous; ignored rows are never read
@@ -144,9 +148,10 @@ def lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index: int, cfg: 
     k = cfg.dz
     chunk = vocab_chunk(cfg, n, V, H)
     dz_buffer = torch.empty(n * min(chunk, V), dtype=dtype, device=dev)
-    d_weight = torch.empty(V, H, dtype=dtype, device=dev)  # every row is written by its chunk
-    d_bias32 = torch.empty(V if has_bias else 0, dtype=torch.float32, device=dev)
-    dh_c = torch.zeros(n, H, dtype=torch.float32, device=dev)
+    # every row of d_weight and d_bias is written by its chunk
+    d_weight = torch.empty(V, H, dtype=dtype, device=dev) if want_w else weight.new_empty(0)
+    d_bias32 = torch.empty(V if want_b else 0, dtype=torch.float32, device=dev)
+    dh_c = torch.zeros(n if want_h else 0, H, dtype=torch.float32, device=dev)
     precision = dot_precision(dtype)
     for v0 in range(0, V, chunk):
         cols = min(chunk, V - v0)
@@ -159,14 +164,16 @@ def lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index: int, cfg: 
             HAS_BIAS=has_bias, MASK_V=(cols % k.block_v != 0), EVEN_H=(H % k.block_h == 0),
             DOT_PRECISION=precision, GROUP_M=_GROUP_M, num_warps=k.num_warps, num_stages=k.num_stages,
         )
-        w_chunk = weight[v0 : v0 + cols]
-        # [cols, n] @ [n, H] -> [cols, H]: the reduction over every counted row in one GEMM, in fp32
-        # (a bf16 output may let cuBLAS reduce split-K partials in bf16), rounded once
-        d_weight[v0 : v0 + cols].copy_(_mm_fp32(dz.t(), h_c))
-        # [n, cols] @ [cols, H] -> [n, H], added in fp32
-        dh_c += _mm_fp32(dz, w_chunk)
-        if has_bias:
+        if want_w:
+            # [cols, n] @ [n, H] -> [cols, H]: the reduction over every counted row in one GEMM,
+            # in fp32 (a bf16 output may let cuBLAS reduce split-K partials in bf16), rounded once
+            d_weight[v0 : v0 + cols].copy_(_mm_fp32(dz.t(), h_c))
+        if want_h:
+            # [n, cols] @ [cols, H] -> [n, H], added in fp32
+            dh_c += _mm_fp32(dz, weight[v0 : v0 + cols])
+        if want_b:
             d_bias32[v0 : v0 + cols] = dz.sum(0, dtype=torch.float32)
-    d_hidden.index_copy_(0, rows_c, dh_c.to(dtype))
-    d_bias = d_bias32.to(bias.dtype) if has_bias else torch.empty(0, dtype=dtype, device=dev)
+    if want_h:
+        d_hidden.index_copy_(0, rows_c, dh_c.to(dtype))
+    d_bias = d_bias32.to(bias.dtype) if want_b else torch.empty(0, dtype=dtype, device=dev)
     return d_hidden, d_weight, d_bias
