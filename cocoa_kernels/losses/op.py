@@ -6,8 +6,9 @@ log-sum-exp in the units the same implementation's backward expects (log2 for Tr
 for PyTorch; it never leaves this module). ``cocoa::linear_cross_entropy_bwd`` returns
 ``(d_hidden, d_weight, d_bias)`` for an upstream gradient per row, computing only those autograd
 asks for (a frozen LM head under LoRA costs no d_weight GEMM and no (V, H) buffer); a gradient
-not asked for, and ``d_bias`` without a bias, is an empty tensor. Both compact the counted rows themselves and dispatch on ``impl`` ("triton" or "torch"),
-so ``torch.compile`` traces through the loss without graph breaks whichever runs underneath.
+not asked for, and ``d_bias`` without a bias, is an empty tensor. Both compact the counted rows
+themselves and dispatch on ``impl`` ("triton" or "torch"), so ``torch.compile`` traces through
+the loss without graph breaks whichever runs underneath.
 """
 
 from typing import Optional

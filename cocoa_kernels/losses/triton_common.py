@@ -36,15 +36,6 @@ def load_chunk(ptrs, row_ok, offs_h, h0, H, MASK_ROWS: tl.constexpr, EVEN_H: tl.
 
 
 @triton.jit
-def store_chunk(ptrs, value, row_ok, offs_h, h0, H, EVEN_H: tl.constexpr):
-    """Store a [rows, BLOCK_H] chunk at hidden offset ``h0`` (rows always masked)."""
-    mask = row_ok[:, None]
-    if not EVEN_H:
-        mask = mask & ((h0 + offs_h) < H)[None, :]
-    tl.store(ptrs, value, mask=mask)
-
-
-@triton.jit
 def logits_tile(
     h_ptrs, w_ptrs, slot_ok, col_ok, offs_h, H, stride_hh, stride_wh,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
