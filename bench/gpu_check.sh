@@ -15,8 +15,9 @@
 # Time (defaults; 8 minutes = 480 s on an H200): wheels ~10 s; tests at most GPU_CHECK_TEST_S
 # (170 s, then killed); benchmarks get what is left of GPU_CHECK_TOTAL_S (450 s) minus 30 s for
 # the render, with a soft budget 45 s under that hard limit; render ~10 s.
-# Environment knobs: GPU_CHECK_TOTAL_S, GPU_CHECK_TEST_S, GPU_CHECK_TEST_WORKERS (pytest-xdist workers,
-# 8: Triton compiles are CPU-bound and the H200 machines have 16 cores), GPU_CHECK_E2E_LAYERS (28), GPU_CHECK_BENCH_ARGS (extra python -m bench arguments), PYTHON.
+# Environment knobs: GPU_CHECK_TOTAL_S, GPU_CHECK_TEST_S, GPU_CHECK_TEST_WORKERS (pytest-xdist
+# workers, 8: Triton compiles are CPU-bound and the H200 machines have 16 cores),
+# GPU_CHECK_E2E_LAYERS (28), GPU_CHECK_BENCH_ARGS (extra python -m bench arguments), PYTHON.
 # Exit status: 0 when the tests passed and the benchmarks ran; else the first failure's.
 set -uo pipefail
 
