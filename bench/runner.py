@@ -63,15 +63,22 @@ def _record_loss_value(row: dict, impl, compute, reference):
     return reference
 
 
-def _prepare(impl, row, *args):
-    """impl.prepare(*args), or None with the reason in the row's note."""
+def _prepare(impl, row, budget: Budget, section: str, *args):
+    """impl.prepare(*args) with its info copied into the row, or None with the reason in the
+    row's note: the section's time is spent, the impl is unavailable, or its set-up failed."""
+    if budget.expired(section):
+        add_note(row, budget.skip_note(section))
+        return None
     try:
-        return impl.prepare(*args)
+        prepared = impl.prepare(*args)
     except Unavailable as e:
         add_note(row, str(e))
+        return None
     except Exception as e:
         add_note(row, f"set-up: {error_note(e)}")
-    return None
+        return None
+    row.update(prepared.info)
+    return prepared
 
 
 def run_attention(opts: RunOptions, results: ResultsFile, budget: Budget, section: str) -> None:
@@ -104,13 +111,8 @@ def run_attention(opts: RunOptions, results: ResultsFile, budget: Budget, sectio
         for name in opts.attention_impls:
             impl = attention_impls.IMPLS[name]
             row = new_row("attention", w.name, name, ours=impl.ours, group=w.group, n_tokens=w.n, visible_pairs=pairs)
-            if budget.expired(section):
-                add_note(row, budget.skip_note(section))
-                results.add(row)
-                continue
-            prepared = _prepare(impl, row, w, mask, shape, device)
+            prepared = _prepare(impl, row, budget, section, w, mask, shape, device)
             if prepared is not None:
-                row.update(prepared.info)
                 try:
                     out = _measure_attention(row, prepared, inputs, copies, device, opts.policy, flops)
                     if out is not None:
@@ -165,14 +167,8 @@ def run_loss(opts: RunOptions, results: ResultsFile, budget: Budget, section: st
     for name in opts.loss_impls:
         impl = loss_impls.IMPLS[name]
         row = new_row("loss", w.name, name, ours=impl.ours, **extra)
-        if budget.expired(section):
-            add_note(row, budget.skip_note(section))
-            results.add(row)
-            continue
-        prepared = _prepare(impl, row, w, device)
+        prepared = _prepare(impl, row, budget, section, w, device)
         if prepared is not None:
-            row.update(prepared.info)
-
             def fwd(i, call=prepared.call):
                 return call(weight, inputs[i])
 
@@ -210,14 +206,8 @@ def run_e2e(opts: RunOptions, results: ResultsFile, budget: Budget, section: str
         impl = e2e.IMPLS[name]
         row = new_row("e2e", s.workload.name, name, ours=impl.ours, group="main", n_tokens=n,
                       layers=s.config_summary["layers"])
-        if budget.expired(section):
-            add_note(row, budget.skip_note(section))
-            results.add(row)
-            continue
-        prepared = _prepare(impl, row, s, device)
+        prepared = _prepare(impl, row, budget, section, s, device)
         if prepared is not None:
-            row.update(prepared.info)
-
             def fwd(i, call=prepared.call):
                 return call()
 
