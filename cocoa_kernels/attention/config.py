@@ -7,11 +7,12 @@ multi-tile paths (masked edges, unmasked middles, partial last tiles) run at sma
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
 import torch
+
+from .._pinned import Pinned
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ _GPU_FP32 = AttentionConfig(
     dkdv=KernelConfig(32, 32, num_warps=4, num_stages=2),
 )
 
-_override: AttentionConfig | None = None
+_pinned: Pinned[AttentionConfig] = Pinned()
 
 
 def block_d_for(head_dim: int) -> int:
@@ -69,8 +70,8 @@ def block_d_for(head_dim: int) -> int:
 
 
 def pick_config(block_d: int, element_size: int, on_gpu: bool) -> AttentionConfig:
-    if _override is not None:
-        return _override
+    if _pinned.config is not None:
+        return _pinned.config
     if not on_gpu:
         return _INTERPRETER
     if element_size >= 4:
@@ -99,12 +100,5 @@ def dkdv_splits(cfg: AttentionConfig, group: int, programs: int, device: torch.d
     return next((d for d in divisors if programs * d >= sms), group)
 
 
-@contextlib.contextmanager
-def use_config(config: AttentionConfig):
-    """Pin every attention launch inside the block to ``config`` (for tests and tuning)."""
-    global _override
-    previous, _override = _override, config
-    try:
-        yield
-    finally:
-        _override = previous
+# Pin every launch inside a ``with use_config(config):`` block to ``config`` (for tests and tuning).
+use_config = _pinned.use

@@ -28,10 +28,11 @@ combine and several backward chunks with a partial last one.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from .._pinned import Pinned
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,12 @@ _GPU_FP32 = LossConfig(
 # 40% of the rows counted the forward still gets ~3 waves).
 _FWD_PROGRAMS_PER_SM = 8
 
-_override: LossConfig | None = None
+_pinned: Pinned[LossConfig] = Pinned()
 
 
 def pick_config(on_gpu: bool, dtype: torch.dtype) -> LossConfig:
-    if _override is not None:
-        return _override
+    if _pinned.config is not None:
+        return _pinned.config
     if not on_gpu:
         return _INTERPRETER
     return _GPU_FP32 if dtype == torch.float32 else _GPU_16BIT
@@ -110,12 +111,5 @@ def vocab_chunk(cfg: LossConfig, n_rows: int, V: int, H: int) -> int:
     return min(tiles * tile, V)
 
 
-@contextlib.contextmanager
-def use_config(config: LossConfig):
-    """Pin every linear_cross_entropy launch inside the block to ``config`` (tests, tuning)."""
-    global _override
-    previous, _override = _override, config
-    try:
-        yield
-    finally:
-        _override = previous
+# Pin every launch inside a ``with use_config(config):`` block to ``config`` (tests, tuning).
+use_config = _pinned.use
