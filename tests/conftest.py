@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import numeric_state  # noqa: E402
 from cocoa_kernels.attention import config as attn_config  # noqa: E402
 from cocoa_kernels.attention import triton_bwd, triton_fwd  # noqa: E402
 from cocoa_kernels.losses import triton_bwd as loss_triton_bwd  # noqa: E402
@@ -63,3 +64,14 @@ def _poison_kernel_outputs(monkeypatch):
     for module in (triton_fwd, triton_bwd, loss_triton_fwd, loss_triton_bwd):
         monkeypatch.setattr(module, "torch", poisoned)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _numeric_state_is_restored():
+    """Fail a test that leaves a process-wide numeric setting changed (matmul precision, threads,
+    flush-to-zero, autocast, backend flags): later tests in the same worker would silently compute
+    something else."""
+    before = numeric_state.snapshot()
+    yield
+    changed = numeric_state.changes(before, numeric_state.snapshot())
+    assert not changed, "the test left global numeric state changed: " + "; ".join(changed)

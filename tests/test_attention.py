@@ -5,8 +5,6 @@ Both implementations are checked: "triton" (compiled on a GPU, interpreted on th
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -21,30 +19,10 @@ NAMES = ("out", "dq", "dk", "dv")
 
 
 def check_against_truth(impl, q, k, v, do, mask, scale=None, mult=2.0):
-    def run():
-        return run_with_grads(lambda a, b, c: attention(a, b, c, mask, scale=scale, impl=impl), q, k, v, do)
-
-    def check(got):
-        for name, g, t, b in zip(NAMES, got, truth, base):
-            assert_close(f"{impl} {name}", g, t, b, mult=mult)
-
-    got = run()
+    got = run_with_grads(lambda a, b, c: attention(a, b, c, mask, scale=scale, impl=impl), q, k, v, do)
     truth, base = truth_and_baseline(q, k, v, do, mask, scale)
-    try:
-        check(got)
-    except AssertionError as first:
-        if impl != "torch":
-            raise
-        # Twice in ~15 full CPU runs under xdist (never in isolation, never twice in a row), the
-        # first fp32 torch-path case of a worker was off by ~9e-5 at one element; the code is
-        # deterministic, so a second run tells a real error (fails again) from that one. The
-        # warning keeps the evidence in the log; the cause is not found yet (see the session note).
-        again = run()
-        check(again)
-        drift = max((a.double() - b.double()).abs().max().item() for a, b in zip(got, again))
-        warnings.warn(f"torch path gave different results for the same inputs (max diff {drift:.3e}); "
-                      f"the first run failed with: {first}", stacklevel=2)
-        got = again
+    for name, g, t, b in zip(NAMES, got, truth, base):
+        assert_close(f"{impl} {name}", g, t, b, mult=mult)
     return got
 
 
