@@ -7,6 +7,7 @@ import numbers
 
 import torch
 
+from .._autocast import cast_to_autocast
 from .._backend import choose_impl
 from ..mask import KeyRanges
 from . import op
@@ -36,7 +37,10 @@ def attention(
         returns: (B, Hq, N, D) in q's dtype, stored token-major so ``.transpose(1, 2)`` is free.
 
     Differentiable in q, k and v. fp32, fp16 and bf16 inputs, fp32 accumulation (the PyTorch
-    path also takes float64). A query that sees no key outputs zeros and gets zero gradients.
+    path also takes float64). Under ``torch.autocast`` for the inputs' device type, q, k and v
+    are first cast to the region's dtype (as ``F.scaled_dot_product_attention`` does), so mixed
+    fp32/bf16 inputs are fine there and the output is in that dtype; outside autocast they must
+    share one dtype. A query that sees no key outputs zeros and gets zero gradients.
     ``scale`` defaults to ``1 / sqrt(D)``. ``impl``: None picks Triton for CUDA tensors and
     PyTorch otherwise; "triton" or "torch" forces one (see ``cocoa_kernels._backend``).
 
@@ -45,7 +49,11 @@ def attention(
         seg = torch.tensor([[0, 0, 0, 1, 1, -1]])          # -1: padding
         out = attention(q, k, v, KeyRanges.from_segments(seg))
     """
-    impl = choose_impl("attention", q.device if isinstance(q, torch.Tensor) else torch.device("cpu"), impl)
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    impl = choose_impl("attention", device, impl)
+    # Under torch.autocast, q/k/v meet in the region's dtype as F.scaled_dot_product_attention's
+    # do (see cocoa_kernels._autocast); gradients flow back through the casts in each input's dtype.
+    q, k, v = cast_to_autocast(device, q, k, v)
     scale = _check(q, k, v, mask, scale, impl)
     out, _ = op.attention_fwd(q, k, v, mask.lo, mask.effective_hi(), scale, impl)
     return out
@@ -62,7 +70,10 @@ def _check(q, k, v, mask, scale, impl) -> float:
         raise TypeError(f"attention: q must be one of {allowed} with impl={impl!r}, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+            raise TypeError(
+                f"attention: {name} must have q's dtype {q.dtype}, got {t.dtype} (q, k and v share one dtype: "
+                "cast them, or call attention under torch.autocast, which casts them to its dtype)"
+            )
         if t.device != q.device:
             raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
     B, Hq, N, D = q.shape

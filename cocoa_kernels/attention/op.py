@@ -10,6 +10,7 @@ attention without graph breaks whichever implementation runs underneath.
 
 import torch
 
+from .._autocast import autocast_off
 from . import reference
 from .config import block_d_for, pick_config
 
@@ -18,12 +19,13 @@ from .config import block_d_for, pick_config
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: float, impl: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if impl == "triton":
-        from .triton_fwd import attention_fwd as launch
+    with autocast_off(q.device):  # fp32 accumulation even inside an autocast region
+        if impl == "triton":
+            from .triton_fwd import attention_fwd as launch
 
-        cfg = pick_config(block_d_for(q.shape[-1]), q.element_size(), on_gpu=q.is_cuda)
-        return launch(q, k, v, lo, hi, scale, cfg.fwd)
-    return reference.attention_forward(q, k, v, lo, hi, scale)
+            cfg = pick_config(block_d_for(q.shape[-1]), q.element_size(), on_gpu=q.is_cuda)
+            return launch(q, k, v, lo, hi, scale, cfg.fwd)
+        return reference.attention_forward(q, k, v, lo, hi, scale)
 
 
 @attention_fwd.register_fake
@@ -38,12 +40,13 @@ def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     lo: torch.Tensor, hi: torch.Tensor, scale: float, impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if impl == "triton":
-        from .triton_bwd import attention_bwd as launch
+    with autocast_off(q.device):  # a backward run inside an autocast region keeps fp32 accumulation
+        if impl == "triton":
+            from .triton_bwd import attention_bwd as launch
 
-        cfg = pick_config(block_d_for(q.shape[-1]), q.element_size(), on_gpu=q.is_cuda)
-        return launch(do, q, k, v, out, lse, lo, hi, scale, cfg)
-    dq, dk, dv = reference.attention_backward(do, q, k, v, out, lse, lo, hi, scale)
+            cfg = pick_config(block_d_for(q.shape[-1]), q.element_size(), on_gpu=q.is_cuda)
+            return launch(do, q, k, v, out, lse, lo, hi, scale, cfg)
+        dq, dk, dv = reference.attention_backward(do, q, k, v, out, lse, lo, hi, scale)
     # Same layouts as the Triton path (and the fake kernel): gradients strided like inputs.
     return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
 

@@ -7,6 +7,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from .._autocast import cast_to_autocast
 from .._backend import choose_impl
 from . import op
 
@@ -37,6 +38,10 @@ def linear_cross_entropy(
         labels: hidden's leading shape, (T,) or (B, N), int64 or int32; each in [0, V) or
             ``ignore_index``.
         bias: (V,) in hidden's dtype, or None.
+        Under ``torch.autocast`` for hidden's device type, hidden, weight and bias are first cast
+        to the region's dtype (as ``F.linear`` does), so an fp32 master weight next to bf16
+        hidden states is fine there and gets an fp32 gradient; outside autocast they must share
+        one dtype.
         returns: a float32 scalar for "mean" and "sum", per-position float32 losses shaped like
             ``labels`` for "none" (float64 for float64 inputs).
 
@@ -67,6 +72,10 @@ def linear_cross_entropy(
     """
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     impl = choose_impl(_NAME, device, impl)
+    # A matmul-like op: under torch.autocast, hidden/weight/bias meet in the region's dtype as
+    # F.linear's do (fp32 accumulation all the same; see cocoa_kernels._autocast). An fp32
+    # master weight then gets its gradient back in fp32 through the cast.
+    hidden, weight, bias = cast_to_autocast(device, hidden, weight, bias)
     _check(hidden, weight, labels, bias, ignore_index, shift, reduction, impl)
     shift = int(shift)
     targets = _shifted_targets(labels, shift, ignore_index)
@@ -108,10 +117,13 @@ def _check(hidden, weight, labels, bias, ignore_index, shift, reduction, impl) -
     allowed = _DTYPES + ((torch.float64,) if impl == "torch" else ())
     if hidden.dtype not in allowed:
         raise TypeError(f"{_NAME}: hidden must be one of {allowed} with impl={impl!r}, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{_NAME}: weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    if bias is not None and bias.dtype != hidden.dtype:
-        raise TypeError(f"{_NAME}: bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(
+                f"{_NAME}: {name} must have hidden's dtype {hidden.dtype}, got {t.dtype} (as for F.linear, "
+                "hidden, weight and bias share one dtype: cast them, or call the loss under torch.autocast, "
+                "which casts them to its dtype)"
+            )
     if labels.dtype not in _LABEL_DTYPES:
         raise TypeError(f"{_NAME}: labels must be an integer tensor (int64 or int32), got {labels.dtype}")
 

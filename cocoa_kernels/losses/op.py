@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .._autocast import autocast_off
 from .._backend import choose_impl
 from . import reference
 from .config import pick_config
@@ -42,13 +43,14 @@ def linear_cross_entropy_fwd(
     ignore_index: int, impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_targets(targets, weight.shape[0], ignore_index)
-    if impl == "triton":
-        from .triton_fwd import lce_fwd
+    with autocast_off(hidden.device):  # fp32 logits even inside an autocast region
+        if impl == "triton":
+            from .triton_fwd import lce_fwd
 
-        choose_impl("linear_cross_entropy", hidden.device, impl)  # interpreter bf16 fix on CPU
-        cfg = pick_config(hidden.is_cuda, hidden.dtype)
-        return lce_fwd(hidden, weight, bias, targets, ignore_index, cfg)
-    return reference.lce_forward(hidden, weight, bias, targets, ignore_index)
+            choose_impl("linear_cross_entropy", hidden.device, impl)  # interpreter bf16 fix on CPU
+            cfg = pick_config(hidden.is_cuda, hidden.dtype)
+            return lce_fwd(hidden, weight, bias, targets, ignore_index, cfg)
+        return reference.lce_forward(hidden, weight, bias, targets, ignore_index)
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -65,13 +67,14 @@ def linear_cross_entropy_bwd(
     hidden_grad: bool = True, weight_grad: bool = True, bias_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     wanted = (hidden_grad, weight_grad, bias_grad and bias is not None)
-    if impl == "triton":
-        from .triton_bwd import lce_bwd
+    with autocast_off(hidden.device):  # the GEMMs keep fp32 accumulation inside an autocast region
+        if impl == "triton":
+            from .triton_bwd import lce_bwd
 
-        choose_impl("linear_cross_entropy", hidden.device, impl)
-        cfg = pick_config(hidden.is_cuda, hidden.dtype)
-        return lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index, cfg, wanted)
-    return reference.lce_backward(d_loss, hidden, weight, bias, targets, lse, ignore_index, wanted)
+            choose_impl("linear_cross_entropy", hidden.device, impl)
+            cfg = pick_config(hidden.is_cuda, hidden.dtype)
+            return lce_bwd(d_loss, hidden, weight, bias, targets, lse, ignore_index, cfg, wanted)
+        return reference.lce_backward(d_loss, hidden, weight, bias, targets, lse, ignore_index, wanted)
 
 
 @linear_cross_entropy_bwd.register_fake
