@@ -1,8 +1,10 @@
-"""Command line: ``cocoa demo``, ``cocoa train``, ``cocoa embed``, ``cocoa bench``, ``cocoa kernels-demo``."""
+"""Command line: ``cocoa demo``, ``cocoa experiment``, ``cocoa train``, ``cocoa embed``, ``cocoa bench``,
+``cocoa kernels-demo``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -61,37 +63,155 @@ def kernels_demo(args) -> int:
     return 0
 
 
+def _demo_config(args):
+    """A DemoConfig from the demo/experiment flags; ``--set KEY=VALUE`` reaches every field."""
+    import dataclasses
+
+    from .demo import DemoConfig
+
+    fields = {f.name: f for f in dataclasses.fields(DemoConfig)}
+    values = {}
+    if args.seeds is not None:
+        values["seeds"] = args.seeds
+    elif getattr(args, "seed", None) is not None:
+        values["seeds"] = [args.seed]
+    if args.steps is not None:
+        values.update(stage0_steps=args.steps[0], stage1_steps=args.steps[1], stage2_steps=args.steps[2],
+                      stage3_steps=args.steps[3])
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields or key == "seeds":
+            raise SystemExit(f"cocoa {args.command}: --set {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(k for k in fields if k != 'seeds')}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            raise SystemExit(f"cocoa {args.command}: --set {item!r}: the value must be a number, true/false "
+                             "or a quoted string") from None
+    try:
+        return DemoConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"cocoa {args.command}: {e}") from None
+
+
+@contextlib.contextmanager
+def _threads(args):
+    """torch's CPU threads as ``--threads`` says while the command runs (restored afterwards)."""
+    before = torch.get_num_threads()
+    if args.threads is not None and not torch.cuda.is_available():
+        if args.threads < 1:
+            raise SystemExit(f"cocoa {args.command}: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def demo(args) -> int:
     from .demo import format_table, run_demo
 
-    report = run_demo(args.out, steps=tuple(args.steps), batch_size=args.batch_size, train_size=args.train_size,
-                      eval_size=args.eval_size, seed=args.seed)
+    cfg = _demo_config(args)
+    with _threads(args):
+        report = run_demo(args.out, cfg, progress=lambda msg: print(f"cocoa demo: {msg}", flush=True))
     print()
-    print(f"cocoa demo on {report['device']} ({report['attn_implementation']}), {report['wall_s']} s; "
-          f"steps per stage {report['config']['steps']} vs contrastive only {sum(report['config']['steps'])}")
-    print(format_table(report))
+    print(f"cocoa demo on {report['device']} ({report['attn_implementation']}, {report['torch_threads']} threads), "
+          f"{report['wall_s']} s; seeds {cfg.seeds}; stage 0 {cfg.stage0_steps} steps, stages 1/2 "
+          f"{cfg.stage1_steps}/{cfg.stage2_steps} (control: {cfg.stage1_steps + cfg.stage2_steps} more captioning), "
+          f"stage 3 {cfg.stage3_steps} steps on {cfg.labelled} labelled pairs")
+    for seed, s0 in report["stage0"].items():
+        gate = s0["gate"]
+        print(f"stage-0 gate, seed {seed}: held-out caption loss {gate['own']:.2f} own image vs "
+              f"{gate['swapped']:.2f} swapped ({'passed' if gate['passed'] else 'FAILED'})")
+    if report["arms"]:
+        print(format_table(report))
+    print(f"verdict: {report['verdict']}")
     print(f"report: {Path(args.out) / 'report.json'}" + (f", plot: {report['plot']}" if report.get("plot") else ""))
     return 0
 
 
+def experiment(args) -> int:
+    from .experiment import format_experiment, run_experiment
+
+    cfg = _demo_config(args)
+    with _threads(args):
+        report = run_experiment(args.out, cfg, pools=args.pools, lrs=args.lrs, workers=args.workers)
+    print()
+    print(f"cocoa experiment on {report['device']}, {report['wall_s']} s; seeds {cfg.seeds}, labelled pools "
+          f"{report['config']['pools']}")
+    print(format_experiment(report))
+    print(f"verdict: {report['verdict']}")
+    print(f"report: {Path(args.out) / 'report.json'}; plots: {', '.join(report['plots'])}")
+    return 0
+
+
+# ``cocoa train`` flags that map one to one onto StageConfig fields (unset flags keep its defaults)
+STAGE_FLAGS = ("precision", "gradient_checkpointing", "grad_accum", "max_grad_norm", "max_pixels", "min_pixels",
+               "max_length", "mask_token", "pack_budget", "save_steps")
+RUN_KEYS = ("model", "data", "out", "init", "report_to", "stages")  # a --config file's top-level keys
+
+
+def _stage_configs(entries: list, where: str) -> list:
+    """StageConfigs from a config file's ``stages``; an unknown key or a bad value is one message."""
+    import dataclasses
+
+    from .train import StageConfig
+
+    valid = [f.name for f in dataclasses.fields(StageConfig)]
+    stages = []
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise SystemExit(f"cocoa train: {where}: stages[{n}] must be an object like {{\"stage\": 1, ...}}")
+        unknown = sorted(set(entry) - set(valid))
+        if unknown:
+            raise SystemExit(f"cocoa train: {where}: stages[{n}] has unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"valid keys: {', '.join(valid)}")
+        if "stage" not in entry:
+            raise SystemExit(f"cocoa train: {where}: stages[{n}] needs a 'stage' (0, 1, 2 or 3)")
+        try:
+            stages.append(StageConfig(**entry))
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"cocoa train: {where}: stages[{n}]: {e}") from None
+    return stages
+
+
 def train(args) -> int:
+    from .stage_inputs import SettingError
     from .train import StageConfig
 
     if args.config:
-        spec = json.loads(Path(args.config).read_text())
-        stages = [StageConfig(**s) for s in spec.pop("stages")]
+        try:
+            spec = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"cocoa train: --config {args.config}: {e}") from None
+        unknown = sorted(set(spec) - set(RUN_KEYS)) if isinstance(spec, dict) else None
+        if unknown is None or unknown or not isinstance(spec.get("stages"), list):
+            problem = (f"unknown key(s) {', '.join(map(repr, unknown))}" if unknown
+                       else "it must be an object with a 'stages' list")
+            raise SystemExit(f"cocoa train: {args.config}: {problem}; valid keys: {', '.join(RUN_KEYS)}")
+        stages = _stage_configs(spec["stages"], args.config)
         model_src, data_src, out = spec.get("model", "tiny"), spec.get("data", "builtin"), spec.get("out", args.out)
+        init, report_to = spec.get("init", args.init), spec.get("report_to", args.report_to)
     else:
         if args.stage is None:
-            raise SystemExit("cocoa train: give --stage (1, 2 or 3) or --config FILE")
+            raise SystemExit("cocoa train: give --stage (0, 1, 2 or 3) or --config FILE")
         lora = {"r": args.lora_r, "alpha": 2 * args.lora_r} if args.lora_r else None
-        stages = [StageConfig(stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora=lora)]
-        model_src, data_src, out = args.model, args.data, args.out
+        flags = {k: getattr(args, k) for k in STAGE_FLAGS if getattr(args, k) is not None}
+        try:
+            stages = [StageConfig(stage=args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                  lora=lora, **flags)]
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"cocoa train: {e}") from None
+        model_src, data_src, out, init, report_to = args.model, args.data, args.out, args.init, args.report_to
     if out is None:
         raise SystemExit("cocoa train: give --out DIR (or 'out' in the config)")
     from .train import train_from_sources
 
-    results = train_from_sources(stages, model_src, data_src, out, init=args.init)
+    try:
+        results = train_from_sources(stages, model_src, data_src, out, init=init, report_to=report_to)
+    except SettingError as e:  # a bad setting or source, found before training started
+        raise SystemExit(f"cocoa train: {e}") from None
     for stage, result in results.items():
         print(f"stage {stage}: {result['steps']} steps, loss {result['loss'][0]:.4f} -> {result['loss'][-1]:.4f}")
     return 0
@@ -128,17 +248,33 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cocoa", description="CoCoA kernels and training layer")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train a tiny model with CoCoA and contrastive-only, compare recall")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, nargs=3, default=[100, 100, 300], metavar=("S1", "S2", "S3"))
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--train-size", type=int, default=4096)
-    p.add_argument("--eval-size", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    def claim_flags(p, out: str, seeds: list | None):
+        p.add_argument("--out", default=out, help="run folder (results are cached there: a rerun resumes)")
+        p.add_argument("--seeds", type=int, nargs="+", default=seeds, help="seeds (each: its own data and init)")
+        p.add_argument("--steps", type=int, nargs=4, default=None, metavar=("S0", "S1", "S2", "S3"),
+                       help="optimizer steps of stages 0-3 (the compute control gets S1+S2 more stage-0 steps)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="any cocoa.demo.DemoConfig field, e.g. --set stage3_lr=3e-3 (repeatable)")
+        # One thread by default: at the tiny model's sizes more threads gain little, and on a busy
+        # CPU they wait on each other (measured: 4-6 s per step with 2 threads vs 0.1-0.25 s with 1)
+        p.add_argument("--threads", type=int, default=1, help="torch CPU threads while it runs (default 1)")
+
+    p = sub.add_parser("demo", help="is CoCoA more data-efficient than contrastive-only? one seed, three arms")
+    claim_flags(p, "runs/demo", None)
+    p.add_argument("--seed", type=int, default=None, help="one seed (default 0); --seeds for several")
     p.set_defaults(fn=demo)
 
+    p = sub.add_parser("experiment", help="the demo over seeds x labelled-pool sizes, with a per-arm stage-3 lr")
+    claim_flags(p, "runs/experiment", [0, 1, 2])
+    p.add_argument("--pools", type=int, nargs="+", default=[128, 512], help="labelled-pool sizes for stage 3")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3],
+                   help="stage-3 learning rates; each arm takes the best on the validation split")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes for independent pieces (seeds, stage-3 runs), one torch thread each")
+    p.set_defaults(fn=experiment)
+
     p = sub.add_parser("train", help="run one CoCoA stage, or a chain of stages from --config")
-    p.add_argument("--stage", type=int, choices=[1, 2, 3])
+    p.add_argument("--stage", type=int, choices=[0, 1, 2, 3], help="0: causal captioning (the demo's starting point)")
     p.add_argument("--model", default="tiny", help="'tiny' (built-in, random weights) or a local model folder")
     p.add_argument("--data", default="builtin", help="a JSONL file, or 'builtin' (synthetic shapes)")
     p.add_argument("--out", default=None)
@@ -147,7 +283,26 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (needs peft)")
-    p.add_argument("--config", default=None, help='JSON: {"model", "data", "out", "stages": [{"stage": 1, ...}]}')
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="mixed precision with fp32 master weights (bf16, fp16) or plain fp32; "
+                        "default: bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute the backbone's activations in the backward (less memory, ~30%% more compute)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches of --batch-size per optimizer step")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (default 1.0; 0: none)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="resize images to at most this many pixels (at least 28*28 for Qwen2-VL)")
+    p.add_argument("--min-pixels", type=int, default=None, help="resize images to at least this many pixels")
+    p.add_argument("--max-length", type=int, default=None, help="text tokens kept per input")
+    p.add_argument("--mask-token", default=None,
+                   help="stages 1-2: an existing token to mask with (default: the tokenizer's, or <|mask|> added)")
+    p.add_argument("--pack-budget", type=int, default=None, help="stages 1-2: pack inputs into rows of this many tokens")
+    p.add_argument("--save-steps", type=int, default=None, help="checkpoint every this many steps (0: only the end)")
+    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
+                   help="where the Trainer logs (loss and its text/image/contrastive parts)")
+    p.add_argument("--config", default=None,
+                   help='JSON: {"model", "data", "out", "init", "report_to", "stages": [{"stage": 1, ...}]}; '
+                        "a stage takes any StageConfig field")
     p.set_defaults(fn=train)
 
     p = sub.add_parser("embed", help="embed the samples of a JSONL file with a trained model folder")

@@ -39,7 +39,8 @@ class Embedder:
     @classmethod
     def from_pretrained(cls, path_or_config, tokenizer=None, image_processor=None, **load_kwargs) -> "Embedder":
         """Load a backbone with ``cocoa_triton`` attention; from a local path, the tokenizer and image
-        processor load from the same folder; with a config they must be given (see ``cocoa.tiny``)."""
+        processor load from the same folder; with a config they must be given (see ``cocoa.tiny``).
+        A stage export's ``cocoa_embedding.json`` sets the EOS token and the text length."""
         model = load_model(path_or_config, **load_kwargs)
         is_path = isinstance(path_or_config, (str, os.PathLike))
         if tokenizer is None:
@@ -53,7 +54,12 @@ class Embedder:
                 image_processor = load_image_processor(path_or_config)
             else:
                 image_processor = default_image_processor()
-        return cls(model, tokenizer, image_processor)
+        from .export import read_embedding_spec
+
+        spec = read_embedding_spec(path_or_config) if is_path else None
+        if spec is None:
+            return cls(model, tokenizer, image_processor)
+        return cls(model, tokenizer, image_processor, eos_token_id=spec["eos_token_id"], max_length=spec["max_length"])
 
     @staticmethod
     def _item(item) -> tuple:

@@ -20,6 +20,10 @@ def load_model(
     Multimodal configs (with a ``vision_config``, e.g. Qwen2-VL, Qwen2.5-VL) load with
     ``AutoModelForImageTextToText``, text-only ones with ``AutoModelForCausalLM``, unless
     ``model_class`` says otherwise. Every attention layer runs ``attn_impl``.
+
+    ``dtype``: ``None`` keeps the checkpoint's own dtype (transformers' ``"auto"``: bf16 for
+    Qwen2-VL) or, from a config, float32. Training passes ``torch.float32``: mixed precision keeps
+    fp32 master weights and autocasts the compute (see :mod:`cocoa.train`).
     """
     config = path_or_config
     if not isinstance(config, PretrainedConfig):

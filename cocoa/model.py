@@ -7,11 +7,13 @@
 - Contrastive learning (stage 3): the L2-normalised ``<EOS>`` state; InfoNCE with temperature
   0.02 against in-batch positives gathered from every rank (with gradient) and hard negatives.
   ``grad_cache_chunk`` embeds the batch in chunks without a graph, takes the loss on the whole
-  batch, then re-runs each chunk with its cached gradient, so large batches fit in memory.
+  batch, then re-runs each chunk with its cached gradient, so large batches fit in memory; the
+  chunks go through the DDP/FSDP-wrapped model and accelerate's backward (see the Trainer).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from cocoa_kernels import KeyRanges, linear_cross_entropy
 
-from .data.encoding import MODEL_INPUTS
+from .data.encoding import IGNORE, MODEL_INPUTS
 
 
 
@@ -43,6 +45,11 @@ class PixelHead(nn.Module):
         self.out = nn.Linear(hidden, out_dim)
 
     def forward(self, x):
+        # Follow the backbone's compute dtype: under autocast the linear layers run in the autocast
+        # dtype whatever the weights are; without it, the input takes the head's own dtype (a bf16
+        # backbone feeding an fp32 head, or the reverse, would otherwise be a dtype error).
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.out.weight.dtype)
         x = x + self.down(F.gelu(self.up(self.norm(x))))
         return self.out(x)
 
@@ -55,10 +62,32 @@ class CocoaModel(nn.Module):
         vision = getattr(backbone.config, "vision_config", None)
         if vision is not None:
             hidden = backbone.config.get_text_config().hidden_size
-            patch = vision.in_chans * vision.temporal_patch_size * vision.patch_size**2
-            self.pixel_head = PixelHead(hidden, vision.spatial_merge_size**2 * patch)
+            patch = vision_in_channels(vision) * vision.temporal_patch_size * vision.patch_size**2
+            # created in the backbone's dtype, so a pure-bf16 model gets a bf16 head (fp32 master
+            # weights come from loading the backbone in fp32, see cocoa.train)
+            self.pixel_head = PixelHead(hidden, vision.spatial_merge_size**2 * patch).to(_float_dtype(backbone))
         else:
             self.pixel_head = None
+
+    # ------------------------------------------------------------------ memory (Trainer calls these)
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return getattr(self.backbone, "supports_gradient_checkpointing", False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return getattr(self.backbone, "is_gradient_checkpointing", False)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Recompute the backbone's layer activations in the backward pass (the heads are small and
+        keep theirs). Non-reentrant checkpointing unless ``gradient_checkpointing_kwargs`` says
+        otherwise: it needs no input that requires grad, so it also works with frozen embeddings
+        (LoRA). Other keyword arguments go to the backbone's method as they are."""
+        kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.backbone.gradient_checkpointing_disable()
 
     @property
     def base(self):
@@ -72,18 +101,27 @@ class CocoaModel(nn.Module):
         return self.base(**inputs, use_cache=False).last_hidden_state
 
     # ------------------------------------------------------------------ stages 1 and 2
-    def reconstruction_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def reconstruction_loss(self, batch: dict, num_items: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """Text cross-entropy over the masked tokens (+ weighted pixel MSE); returns ``(loss, parts)``
+        with ``parts`` the detached per-batch means ``{"text", "image"}``.
+
+        ``num_items``: ``{"text": masked tokens, "image": masked pixel values}`` counted over a whole
+        optimizer step (every micro-batch of a gradient accumulation, every rank; see
+        :func:`count_items`). Each part's mean is then rescaled to its sum over this batch divided by
+        that count, so the micro-batches' losses add up to the large batch's mean."""
         hidden = self._hidden(batch)
         weight = self.backbone.get_output_embeddings().weight
         labels = batch["labels"].to(hidden.device)
         text = linear_cross_entropy(hidden, weight, labels, shift=self.loss_config.shift)
         parts = {"text": text.detach()}
-        loss = text
+        text_count = count_items(batch, self.loss_config.shift)["text"] if num_items is not None else None
+        loss = _share(text, text_count, num_items, "text")
         if "pixel_targets" in batch and self.pixel_head is not None:
             mask = batch["pixel_mask"].to(hidden.device)
             pred = self.pixel_head(hidden[mask])
             image = F.mse_loss(pred.float(), batch["pixel_targets"].to(hidden.device).float())
-            loss = loss + self.loss_config.image_loss_weight * image
+            image_share = _share(image, pred.numel(), num_items, "image")
+            loss = loss + self.loss_config.image_loss_weight * image_share
             parts["image"] = image.detach()
         return loss, parts
 
@@ -106,31 +144,63 @@ class CocoaModel(nn.Module):
         reps = [self.embed(batch[k]) for k in ("query", "positive", "negative") if k in batch]
         return self.info_nce(*reps)
 
-    def contrastive_step_cached(self, batch: dict, chunk: int) -> torch.Tensor:
-        """Gradient caching: the loss and its gradients equal ``contrastive_loss`` (backward done
-        here), with at most ``chunk`` inputs holding activations at once. Returns the loss."""
+    def contrastive_step_cached(self, batch: dict, chunk: int, *, model: nn.Module | None = None,
+                                backward=None, no_sync=None) -> torch.Tensor:
+        """Gradient caching: the loss and the gradients of ``contrastive_loss`` (the backward is
+        done here), with at most ``chunk`` inputs holding activations at once. Returns the loss.
+
+        Every chunk is embedded without a graph; the InfoNCE loss on the whole batch (positives
+        gathered from every rank) gives each representation its gradient ``g``; then each chunk
+        is embedded again with a graph and ``backward(sum(rep_chunk * g_chunk))`` carries ``g``
+        into the weights (the gradient of that surrogate is exactly the chunk's share).
+
+        - ``model``: what computes the embeddings, called as ``model(stage=3, embed=True, **group)``:
+          this model (the default) or the DDP/FSDP wrapper around it, so the wrapper's hooks
+          (gradient all-reduce, FSDP unsharding and reduce-scatter) and accelerate's autocast run.
+        - ``backward(loss)``: ``loss.backward()`` by default; the Trainer passes accelerate's
+          (loss scaling for fp16, division for gradient accumulation) — any constant factor it
+          applies reaches every chunk alike, so the result is that factor times the gradient.
+        - ``no_sync``: a context factory for every chunk backward but the last (DDP's
+          ``no_sync``: gradients accumulate locally and are all-reduced once, by the last one).
+
+        The two passes must compute the same function: no active dropout (Qwen2-VL has none).
+        """
+        model = self if model is None else model
+        backward = backward or torch.Tensor.backward
         keys = [k for k in ("query", "positive", "negative") if k in batch]
+        groups = {k: list(split_group(batch[k], chunk)) for k in keys}
         with torch.no_grad():
-            reps = [torch.cat([self.embed(g) for g in split_group(batch[k], chunk)]) for k in keys]
+            reps = [torch.cat([model(stage=3, embed=True, **g) for g in groups[k]]) for k in keys]
         reps = [r.requires_grad_() for r in reps]
         loss = self.info_nce(*reps)
-        loss.backward()
-        for key, rep in zip(keys, reps):
-            start = 0
-            for g in split_group(batch[key], chunk):
-                n = g["eos_index"].shape[0]
-                part = self.embed(g)
-                part.backward(rep.grad[start:start + n])
-                start += n
+        cached = torch.autograd.grad(loss, reps)  # reaches no weight: InfoNCE has none
+        steps = [pair for k, grad in zip(keys, cached) for pair in _row_slices(groups[k], grad)]
+        for i, (g, grad) in enumerate(steps):
+            defer = no_sync is not None and i < len(steps) - 1
+            with no_sync() if defer else contextlib.nullcontext():
+                part = model(stage=3, embed=True, **g)
+                backward((part * grad.to(part.dtype)).sum())
         return loss.detach()
 
     # ------------------------------------------------------------------ Trainer entry
-    def forward(self, stage: int, **batch):
-        if stage in (1, 2):
-            return self.reconstruction_loss(batch)[0]
-        if stage == 3:
-            return self.contrastive_loss(batch)
-        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    def forward(self, stage: int, embed: bool = False, num_items: dict | None = None, return_parts: bool = False,
+                **batch):
+        """The stage's loss on a batch; ``embed=True`` (stage 3): the EOS embeddings of one
+        ``embedding_batch`` group instead (gradient caching calls that through DDP/FSDP wrappers).
+        ``num_items``: see :meth:`reconstruction_loss`; ``return_parts``: return ``(loss, parts)``
+        with the loss's detached parts (``text``, ``image``, ``contrastive``) for logging."""
+        if embed:
+            if stage != 3:
+                raise ValueError(f"embed=True needs stage=3, got stage={stage!r}")
+            return self.embed(batch)
+        if stage in (0, 1, 2):  # 0: causal captioning, next-token loss on the caption (labels, shift=1)
+            loss, parts = self.reconstruction_loss(batch, num_items)
+        elif stage == 3:
+            loss = self.contrastive_loss(batch)
+            parts = {"contrastive": loss.detach()}
+        else:
+            raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+        return (loss, parts) if return_parts else loss
 
     # ------------------------------------------------------------------ LoRA (optional, needs peft)
     def enable_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.0,
@@ -196,6 +266,32 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(parts), offset
 
 
+def count_items(batch: dict, shift: int) -> dict:
+    """What the reconstruction loss averages over in ``batch``: ``text``, the labels it scores
+    (those past the first ``shift`` positions of a row), and ``image``, the masked pixel values."""
+    labels = batch["labels"]
+    text = labels[:, shift:].ne(IGNORE).sum()  # a tensor on the labels' device: no sync here
+    image = batch["pixel_targets"].numel() if "pixel_targets" in batch else 0
+    return {"text": text, "image": image}
+
+
+def _share(mean: torch.Tensor, count, num_items: dict | None, key: str) -> torch.Tensor:
+    """``mean`` as this batch's share of a mean over ``num_items[key]`` items (itself without them)."""
+    if num_items is None:
+        return mean
+    total = num_items[key]
+    return mean * (count / total) if total else mean * 0
+
+
+def _row_slices(groups: list[dict], grad: torch.Tensor):
+    """Each chunk of a group with its rows' slice of ``grad`` (chunks in order, rows consecutive)."""
+    start = 0
+    for g in groups:
+        n = g["eos_index"].shape[0]
+        yield g, grad[start:start + n]
+        start += n
+
+
 def split_group(group: dict, chunk: int):
     """Split an ``embedding_batch`` into sub-batches of ``chunk`` rows (images follow their rows)."""
     B = group["input_ids"].shape[0]
@@ -210,7 +306,8 @@ def split_group(group: dict, chunk: int):
         sub = {
             "input_ids": group["input_ids"][rows],
             "attention_mask": group["attention_mask"][rows],
-            "position_ids": group["position_ids"][:, rows],
+            # (3, B, N) M-RoPE or (B, N) text-only positions: the row axis is second to last
+            "position_ids": group["position_ids"][..., rows, :],
             "key_ranges": KeyRanges(group["key_ranges"].lo[rows], group["key_ranges"].hi[rows]),
             "eos_index": group["eos_index"][rows],
         }
@@ -222,6 +319,20 @@ def split_group(group: dict, chunk: int):
                     [group["pixel_values"][image_start[i]:image_start[i + 1]] for i in images.tolist()]
                 )
         yield sub
+
+
+def vision_in_channels(vision_config) -> int:
+    """Input channels of a vision config: transformers 5 names them ``in_channels``, older Qwen2-VL
+    configs ``in_chans``; either is accepted."""
+    for name in ("in_channels", "in_chans"):
+        value = getattr(vision_config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("vision_config: neither in_channels nor in_chans is set")
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _to(value, device):

@@ -1,8 +1,12 @@
-"""Samples -> token ids, image patches and M-RoPE positions; rows -> padded model batches.
+"""Samples -> token ids, image patches and positions; rows -> padded model batches.
 
 One input is ``[prefix] [<vision_start> image tokens <vision_end>] [text] <EOS>``. Several inputs
 may share a row (packing): each keeps its own segment id and its own positions (restarting at 0),
 so a packed row computes exactly what the inputs would alone under a per-segment mask.
+
+Positions take the shape the backbone's rotary embedding expects: three M-RoPE rows (3, B, N)
+for a vision-language model (a config with a ``vision_config``, e.g. Qwen2-VL), plain (B, N)
+for a text-only one (e.g. Qwen2), whose rotary embedding rejects the three rows.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ class InputEncoder:
         self.max_length = max_length
         self.vision = getattr(config, "vision_config", None)
         self.merge = self.vision.spatial_merge_size if self.vision is not None else 1
+        # M-RoPE (three position rows) goes with the vision tower: Qwen2-VL's language model
+        # takes them, a text-only Qwen2's rotary embedding wants one row per batch row.
+        self.mrope = self.vision is not None
 
     def text_ids(self, text: str | None) -> list[int]:
         if not text:
@@ -73,12 +80,13 @@ class InputEncoder:
         return Encoded(ids, pixels, grid)
 
     def positions(self, enc: Encoded) -> torch.Tensor:
-        """(3, len(ids)) M-RoPE positions of one input, as Qwen2-VL's get_rope_index gives them:
-        text advances all three axes by 1; an image's tokens take (t, row, col) offsets from the
-        current position, which then moves past the image by max(rows, cols)."""
+        """Positions of one input, starting at 0. Text-only backbone: ``(len(ids),)``, 0, 1, 2, ...
+        Vision-language backbone: ``(3, len(ids))`` M-RoPE positions, as Qwen2-VL's get_rope_index
+        gives them: text advances all three axes by 1; an image's tokens take (t, row, col) offsets
+        from the current position, which then moves past the image by max(rows, cols)."""
         L = len(enc.ids)
-        if self.vision is None:
-            return torch.arange(L).expand(3, L)
+        if not self.mrope:
+            return torch.arange(L)
         out = torch.empty(3, L, dtype=torch.long)
         image_id = self.config.image_token_id
         cur, i = 0, 0
@@ -124,9 +132,10 @@ def pack_rows(encoded: list[Encoded], budget: int | None) -> list[list[int]]:
 def batch_rows(encoder: InputEncoder, encoded: list[Encoded], rows: list[list[int]], extras: dict | None = None):
     """Pad rows of inputs into model tensors.
 
-    Returns the model inputs (``input_ids``, ``attention_mask``, ``position_ids`` (3, B, N),
-    ``pixel_values``/``image_grid_thw`` in row order, ``image_rows``) and the layout: ``segment_ids`` (B, N) with
-    -1 on padding. ``extras`` maps a name to per-input lists
+    Returns the model inputs (``input_ids``, ``attention_mask``, ``position_ids`` (3, B, N) for
+    M-RoPE or (B, N) for a text-only backbone, each input's restarting at 0,
+    ``pixel_values``/``image_grid_thw`` in row order, ``image_rows``) and the layout:
+    ``segment_ids`` (B, N) with -1 on padding. ``extras`` maps a name to per-input lists
     aligned with ``ids`` (e.g. labels), padded with IGNORE, returned as (B, N) tensors.
     """
     extras = extras or {}
@@ -134,7 +143,7 @@ def batch_rows(encoder: InputEncoder, encoded: list[Encoded], rows: list[list[in
     B = len(rows)
     input_ids = torch.full((B, N), encoder.pad_token_id, dtype=torch.long)
     segment_ids = torch.full((B, N), -1, dtype=torch.long)
-    positions = torch.zeros(3, B, N, dtype=torch.long)
+    positions = torch.zeros((3, B, N) if encoder.mrope else (B, N), dtype=torch.long)
     out_extras = {k: torch.full((B, N), IGNORE, dtype=torch.long) for k in extras}
     pixels, grids, image_rows = [], [], []
     for b, row in enumerate(rows):
@@ -144,7 +153,7 @@ def batch_rows(encoder: InputEncoder, encoded: list[Encoded], rows: list[list[in
             L = len(enc.ids)
             input_ids[b, at:at + L] = torch.tensor(enc.ids)
             segment_ids[b, at:at + L] = seg
-            positions[:, b, at:at + L] = encoder.positions(enc)
+            positions[..., b, at:at + L] = encoder.positions(enc)  # the row axis is second to last
             for k, values in extras.items():
                 out_extras[k][b, at:at + L] = torch.tensor(values[i])
             if enc.pixels is not None:
