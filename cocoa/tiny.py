@@ -1,8 +1,10 @@
-"""The built-in tiny backbone: a Qwen2-VL-shaped config and a character-level tokenizer.
+"""The built-in tiny backbone: a Qwen2-VL-shaped config and two tiny tokenizers.
 
 Nothing is downloaded: the demo, the tests and quick experiments build random-weight models from
-``tiny_config()`` and tokenize with ``char_tokenizer()`` (printable ASCII, one id per character,
-plus the special tokens CoCoA needs: pad, eos (the bridge ``<EOS>``), mask and the vision ones).
+``tiny_config()`` and tokenize with ``char_tokenizer()`` (printable ASCII, one id per character)
+or ``word_tokenizer(words)`` (one id per word of a closed vocabulary, for the demo's data, where
+a character model could guess a caption from its visible letters). Both carry the special tokens
+CoCoA needs, at the same ids: pad, eos (the bridge ``<EOS>``), mask and the vision ones.
 """
 
 from __future__ import annotations
@@ -46,3 +48,36 @@ def tiny_config(hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
+
+
+def word_tokenizer(words) -> PreTrainedTokenizerFast:
+    """One id per word of ``words`` (split on whitespace), after the special tokens; an unknown
+    word is ``<unk>``. Decoding joins words with single spaces.
+
+    Vocabulary strings carry SentencePiece's word-start marker (``"▁red"``), so code that finds
+    words from token strings (``cocoa.data.collators.word_spans``) sees one word per token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    words = list(dict.fromkeys(words))  # keep order, drop repeats
+    bad = [w for w in words if not w or any(c.isspace() for c in w) or w in SPECIAL]
+    if bad:
+        raise ValueError(f"words: each must be a non-empty word without spaces and not a special token, got {bad}")
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    for w in words:
+        vocab["\u2581" + w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Strip(), normalizers.Replace(Regex(r"\s+"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", mask_token="<mask>",
+        additional_special_tokens=SPECIAL[4:],
+    )
+
+
+def word_config(tokenizer, hidden_size: int = 64, layers: int = 4, **text_overrides):
+    """``tiny_config`` with the vocabulary sized for ``tokenizer`` (rounded up to a multiple of 8)
+    and, by default, the demo's depth: 4 layers of width 64 (about 0.5M parameters with the
+    vision tower and the pixel head)."""
+    vocab = -(-len(tokenizer) // 8) * 8
+    return tiny_config(hidden_size=hidden_size, layers=layers, vocab_size=vocab, **text_overrides)

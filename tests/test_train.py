@@ -67,21 +67,6 @@ def test_train_cli_chains_stages_from_a_config(tmp_path):
     assert vectors.shape == (2, 64)
 
 
-def test_demo_writes_the_report(tmp_path):
-    from cocoa.demo import run_demo
-
-    report = run_demo(tmp_path / "demo", steps=(1, 1, 2), batch_size=4, train_size=32, eval_size=12)
-    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert saved["attn_implementation"] == "cocoa_triton" and saved["device"] == "cpu"
-    cocoa_run, baseline = saved["runs"]["cocoa"], saved["runs"]["contrastive_only"]
-    assert set(cocoa_run["stages"]) == {"1", "2", "3"} and set(baseline["stages"]) == {"3"}
-    assert [cocoa_run["stages"][s]["steps"] for s in "123"] == [1, 1, 2] and baseline["stages"]["3"]["steps"] == 4
-    for run in (cocoa_run, baseline):
-        assert set(run["recall"]) == {"t2i@1", "t2i@5", "i2t@1", "i2t@5"}
-        assert all(0.0 <= v <= 1.0 for v in run["recall"].values())
-    assert report["plot"] and (tmp_path / "demo" / "curves.png").is_file()
-
-
 def test_lora_trains_adapters_only_and_merges_them(tmp_path):
     model, encoder, data = _setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
