@@ -4,6 +4,8 @@ under FSDP2 (fully_shard per decoder layer and at the root)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -51,9 +53,20 @@ def _batches(stage: int):
 
 
 def _spawn(worker, tmp_path, *args) -> dict:
-    """Run ``worker(rank, init_file, out, *args)`` on WORLD gloo ranks; rank 0 fills ``out``."""
+    """Run ``worker(rank, init_file, out, *args)`` on WORLD gloo ranks; rank 0 fills ``out``.
+
+    About once in 15 runs on a loaded 2-core machine (seen before this change too), a gloo rank
+    aborts while it tears down ("terminate called without an active exception"). ``_report``
+    holds every rank at a barrier until rank 0 has written the results, so a complete ``out``
+    means every rank finished its computation: such a crash is then reported as a warning, and
+    any earlier one (``out`` incomplete) still fails the test."""
     out = mp.Manager().dict()
-    mp.spawn(worker, args=(str(tmp_path / "init"), out, *args), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(worker, args=(str(tmp_path / "init"), out, *args), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:
+        if not {"loss", "grads", "reported"} <= set(out.keys()):
+            raise
+        warnings.warn(f"a gloo rank crashed after every rank had reported its results: {e}", stacklevel=2)
     return out
 
 
@@ -63,6 +76,8 @@ def _report(rank: int, loss: torch.Tensor, grads, out: dict) -> None:
     if rank == 0:
         out["loss"] = torch.stack(losses).mean()
         out["grads"] = grads
+        out["reported"] = True
+    dist.barrier()  # no rank tears down before rank 0 has written the results
 
 
 def _full(grad: torch.Tensor) -> torch.Tensor:
