@@ -91,7 +91,7 @@ class Setup:
 
     def __init__(self, cfg: DemoConfig, seed: int):
         from .data.encoding import InputEncoder
-        from .data.objects import WORDS, ObjectsDataset
+        from .data.objects import WORDS
         from .embed import default_image_processor
         from .tiny import word_config, word_tokenizer
 
@@ -100,12 +100,18 @@ class Setup:
         self.config = word_config(self.tokenizer, hidden_size=cfg.hidden_size, layers=cfg.layers)
         self.processor = default_image_processor()
         self.encoder = InputEncoder(self.tokenizer, self.config, self.processor)
-        common = dict(objects=cfg.objects, size=cfg.image_size, seed=seed)
-        self.unlabelled = ObjectsDataset(cfg.unlabelled, "train", **common)
-        self.labelled = ObjectsDataset(cfg.labelled, "train", task="retrieval", **common)
-        self.eval = ObjectsDataset(cfg.eval_size, "eval", **common)
-        self.val = ObjectsDataset(cfg.val_size, "val", **common)
-        self.probe = ObjectsDataset(cfg.probe_train, "train", **common)
+        self.unlabelled = self.dataset(cfg.unlabelled, "train")
+        self.labelled = self.dataset(cfg.labelled, "train", task="retrieval")
+        self.eval = self.dataset(cfg.eval_size, "eval")
+        self.val = self.dataset(cfg.val_size, "val")
+        self.probe = self.dataset(cfg.probe_train, "train")
+
+    def dataset(self, length: int, split: str, **kwargs):
+        """An ObjectsDataset of this seed with the config's objects and image size."""
+        from .data.objects import ObjectsDataset
+
+        return ObjectsDataset(length, split, objects=self.cfg.objects, size=self.cfg.image_size, seed=self.seed,
+                              **kwargs)
 
     def new_model(self):
         """A fresh tiny model (vision tower on SDPA: its per-image attention calls dominate a
@@ -181,11 +187,9 @@ class RecallCurve:
         self.callback = _Callback()
 
     def result(self) -> dict:
-        curve = {"steps": self.points["steps"]}
-        curve.update({m: [p[m] for p in self.points["eval"]] for m in METRICS})
-        val = {"steps": self.points["steps"]}
-        val.update({m: [p[m] for p in self.points["val"]] for m in METRICS})
-        return {"curve": curve, "val_curve": val}
+        steps = self.points["steps"]
+        return {name: {"steps": steps, **{m: [p[m] for p in self.points[split]] for m in METRICS}}
+                for name, split in (("curve", "eval"), ("val_curve", "val"))}
 
 
 def _stage_cfg(cfg: DemoConfig, stage: int, steps: int, lr: float, seed: int, **extra):
@@ -238,8 +242,6 @@ def diagnose(setup: Setup, model) -> dict:
 
 def prepare_arm(setup: Setup, arm: str, stage0_final: Path, run_dir: Path) -> tuple:
     """The arm's model just before stage 3 (cached): returns (weights folder, stages, diagnostics)."""
-    from .data.objects import ObjectsDataset
-
     cfg = setup.cfg
     base = run_dir / f"seed{setup.seed}" / arm
     model = setup.new_model()
@@ -252,8 +254,7 @@ def prepare_arm(setup: Setup, arm: str, stage0_final: Path, run_dir: Path) -> tu
         stages["1"] = _train(setup, model, _stage_cfg(cfg, 1, cfg.stage1_steps, cfg.recon_lr, setup.seed,
                                                       image_mask_rate=cfg.image_mask_rate),
                              setup.unlabelled, base / "stage1")
-        bridge = ObjectsDataset(cfg.unlabelled, "train", task="bridge", objects=cfg.objects, size=cfg.image_size,
-                                seed=setup.seed, image_only=cfg.stage2_image_only)
+        bridge = setup.dataset(cfg.unlabelled, "train", task="bridge", image_only=cfg.stage2_image_only)
         stages["2"] = _train(setup, model, _stage_cfg(cfg, 2, cfg.stage2_steps, cfg.recon_lr, setup.seed,
                                                       target_mask_rate=cfg.target_mask_rate),
                              bridge, base / "stage2")
@@ -288,18 +289,17 @@ def run_stage3(setup: Setup, arm: str, weights: Path, run_dir: Path, *, labelled
     # which weights it starts from (their folder names carry the settings that made them)
     start = hashlib.sha1(str(Path(weights).resolve().relative_to(Path(run_dir).resolve())).encode()).hexdigest()[:6]
     out = run_dir / f"seed{setup.seed}" / arm / f"stage3-pool{labelled}-lr{lr:g}-{key}-from{start}"
-    model = setup.new_model()
-    model.load(weights)
-    data = setup.labelled if labelled == cfg.labelled else type(setup.labelled)(
-        labelled, "train", task="retrieval", objects=cfg.objects, size=cfg.image_size, seed=setup.seed)
-    curve = RecallCurve(setup, model, cfg.curve_every, cfg.stage3_steps)
-    stage_cfg = _stage_cfg(cfg, 3, cfg.stage3_steps, lr, setup.seed, warmup_ratio=cfg.stage3_warmup,
-                           loss={"temperature": cfg.temperature})
     cached = _load_json(out / "result.json")
     if cached is not None:
         return cached
     from .train import run_stage
 
+    model = setup.new_model()
+    model.load(weights)
+    data = setup.labelled if labelled == cfg.labelled else setup.dataset(labelled, "train", task="retrieval")
+    curve = RecallCurve(setup, model, cfg.curve_every, cfg.stage3_steps)
+    stage_cfg = _stage_cfg(cfg, 3, cfg.stage3_steps, lr, setup.seed, warmup_ratio=cfg.stage3_warmup,
+                           loss={"temperature": cfg.temperature})
     result = run_stage(stage_cfg, model, setup.encoder, data, out, resume=False, callbacks=[curve.callback])
     result = {"steps": result["steps"], "loss": result["loss"], **curve.result()}
     result["recall"] = {m: result["curve"][m][-1] for m in METRICS}
@@ -308,6 +308,19 @@ def run_stage3(setup: Setup, arm: str, weights: Path, run_dir: Path, *, labelled
 
 
 # ---------------------------------------------------------------------------------- the report
+def arm_run(stage0_loss: list, stages: dict, s3: dict, diagnostics: dict, lr: float) -> dict:
+    """One arm and seed in the report: recall, diagnostics, every stage's losses, the curves."""
+    all_stages = {"0": {"loss": stage0_loss}, **{k: {"loss": v["loss"]} for k, v in stages.items()},
+                  "3": {"loss": s3["loss"]}}
+    return {"recall": s3["recall"], "diagnostics": diagnostics, "stages": all_stages, "curve": s3["curve"],
+            "val_curve": s3["val_curve"], "stage3_lr": lr}
+
+
+def summarize_arms(arms: dict) -> dict:
+    """``arms`` with each arm's mean and std over its seeds; arms that ran no seed are left out."""
+    return {arm: {**result, **summarize(result["seeds"])} for arm, result in arms.items() if result["seeds"]}
+
+
 def summarize(per_seed: dict) -> dict:
     """``{SEED: {"recall": {...}}}`` -> ``{"mean": {...}, "std": {...}}`` (std 0.0 for one seed)."""
     out = {"mean": {}, "std": {}}
@@ -369,16 +382,8 @@ def run_demo(out_dir: str | Path = "runs/demo", config: DemoConfig | None = None
             say(f"seed {seed}: {arm}")
             weights, stages, diagnostics = prepare_arm(setup, arm, s0_final, out_dir)
             s3 = run_stage3(setup, arm, weights, out_dir)
-            all_stages = {"0": {"loss": s0["loss"]}, **{k: {"loss": v["loss"]} for k, v in stages.items()},
-                          "3": {"loss": s3["loss"]}}
-            arms[arm]["seeds"][str(seed)] = {"recall": s3["recall"], "diagnostics": diagnostics,
-                                             "stages": all_stages, "curve": s3["curve"],
-                                             "val_curve": s3["val_curve"], "stage3_lr": cfg.stage3_lr}
-    for arm in ARMS:
-        if arms[arm]["seeds"]:
-            arms[arm].update(summarize(arms[arm]["seeds"]))
-        else:
-            del arms[arm]
+            arms[arm]["seeds"][str(seed)] = arm_run(s0["loss"], stages, s3, diagnostics, cfg.stage3_lr)
+    arms = summarize_arms(arms)
     report = {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "attn_implementation": ATTN_IMPLEMENTATION,
@@ -467,8 +472,3 @@ def format_table(report: dict) -> str:
                  "cos: mean pairwise cosine of EOS states (all before stage 3)")
     return "\n".join(lines)
 
-
-def estimate_steps(cfg: DemoConfig) -> int:
-    """Optimizer steps of one demo seed (stage 0 once, then the three arms)."""
-    extra = cfg.stage1_steps + cfg.stage2_steps
-    return cfg.stage0_steps + 2 * extra + 3 * cfg.stage3_steps

@@ -59,13 +59,19 @@ def _mean_text_loss(model, collate, samples, batch_size: int) -> float:
     return total / count
 
 
+def _swap_gap(model, make_collator, samples: list[Sample], shift: int, batch_size: int) -> dict:
+    """Mean text loss with own images and with swapped ones (a fresh collator for each pass, so
+    seeded masks are the same in both): ``{"own", "swapped", "gap"}``."""
+    with _evaluating(model, shift=shift):
+        own = _mean_text_loss(model, make_collator(), samples, batch_size)
+        swapped = _mean_text_loss(model, make_collator(), _swapped(samples), batch_size)
+    return {"own": own, "swapped": swapped, "gap": swapped - own}
+
+
 def caption_swap_gap(model, encoder, samples: list[Sample], batch_size: int = 64) -> dict:
     """Held-out causal caption loss (nats per caption token) with own images and with swapped
     ones: ``{"own", "swapped", "gap"}``."""
-    with _evaluating(model, shift=1):
-        own = _mean_text_loss(model, Stage0Collator(encoder), samples, batch_size)
-        swapped = _mean_text_loss(model, Stage0Collator(encoder), _swapped(samples), batch_size)
-    return {"own": own, "swapped": swapped, "gap": swapped - own}
+    return _swap_gap(model, lambda: Stage0Collator(encoder), samples, 1, batch_size)
 
 
 def bridge_swap_gap(model, encoder, samples: list[Sample], *, mask_rate: float = 0.7, seed: int = 0,
@@ -73,12 +79,8 @@ def bridge_swap_gap(model, encoder, samples: list[Sample], *, mask_rate: float =
     """Held-out stage-2 loss (nats per masked word of block B, scored in place) with own and with
     swapped images; both passes mask the same words (same collator seed). ``samples`` carry
     ``text`` (block A's words) and ``target`` (block B). Returns ``{"own", "swapped", "gap"}``."""
-    with _evaluating(model, shift=0):
-        own = _mean_text_loss(model, Stage2Collator(encoder, target_mask_rate=mask_rate, seed=seed),
-                              samples, batch_size)
-        swapped = _mean_text_loss(model, Stage2Collator(encoder, target_mask_rate=mask_rate, seed=seed),
-                                  _swapped(samples), batch_size)
-    return {"own": own, "swapped": swapped, "gap": swapped - own}
+    return _swap_gap(model, lambda: Stage2Collator(encoder, target_mask_rate=mask_rate, seed=seed), samples, 0,
+                     batch_size)
 
 
 def eos_states(model, encoder, images: list, batch_size: int = 64) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .demo import ARMS, METRICS, DemoConfig, Setup, _write_json, plot_report, prepare_arm, run_stage0, run_stage3
-from .demo import summarize, verdict
+from .demo import arm_run, summarize_arms, verdict
 
 
 def _val_score(result: dict) -> float:
@@ -109,16 +109,9 @@ def run_experiment(out_dir: str | Path = "runs/experiment", config: DemoConfig |
         arms = {arm: {"seeds": {}} for arm in ARMS}
         for (seed, arm), (weights, stages, diagnostics) in sorted(prepared.items(), key=_in_order):
             lr = lr_choice[arm]["lr"]
-            s3 = results[(seed, arm, pool)]
-            all_stages = {"0": {"loss": stage0[str(seed)]["loss"]},
-                          **{k: {"loss": v["loss"]} for k, v in stages.items()}, "3": {"loss": s3["loss"]}}
-            arms[arm]["seeds"][str(seed)] = {"recall": s3["recall"], "diagnostics": diagnostics, "stages": all_stages,
-                                             "curve": s3["curve"], "val_curve": s3["val_curve"], "stage3_lr": lr}
-        for arm in ARMS:
-            if arms[arm]["seeds"]:
-                arms[arm].update(summarize(arms[arm]["seeds"]))
-            else:
-                del arms[arm]
+            arms[arm]["seeds"][str(seed)] = arm_run(stage0[str(seed)]["loss"], stages, results[(seed, arm, pool)],
+                                                    diagnostics, lr)
+        arms = summarize_arms(arms)
         per_pool[str(pool)] = {"arms": arms, "verdict": verdict(arms, gates)}
     bar.close()
 
