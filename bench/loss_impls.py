@@ -1,7 +1,10 @@
 """One adapter per linear cross-entropy implementation: ``call(weight, x)`` -> mean loss over the
 counted rows of ``x.hidden`` (T, H) against ``x.labels`` (T,) (-100 = not counted).
 
-- ``cocoa``: ``cocoa_kernels.linear_cross_entropy`` (compacts the counted rows, no logits).
+- ``cocoa``: ``cocoa_kernels.linear_cross_entropy`` (compacts the counted rows, no logits), exact
+  gradients (``grad_filter_eps=None``, the default).
+- ``cocoa_filtered``: the same with ``grad_filter_eps=2**-12`` (CCE's default threshold): vocab
+  tiles of the backward whose every softmax - onehot entry is below it are skipped.
 - ``torch_compact``: plain PyTorch that keeps only the counted rows first:
   ``hidden[labels != -100] @ W.T`` (bf16 logits of those rows), then ``F.cross_entropy`` on the
   logits upcast to fp32.
@@ -15,6 +18,10 @@ counted rows of ``x.hidden`` (T, H) against ``x.labels`` (T,) (-100 = not counte
   vocab blocks whose softmax entries all fall below ~2^-12 skip the backward's products, an
   approximation that random weights, with their nearly flat softmax, make especially cheap).
 - ``cut_cross_entropy_exact``: the same with ``filter_eps=None``, exact gradients like ours.
+
+Which of our rows each peer is held to (``held_to`` in the row; the table's "vs" column): exact
+against exact (``cocoa``: every peer but CCE's default), filtered against filtered
+(``cocoa_filtered``: ``cut_cross_entropy`` with its default filtering).
 """
 
 from __future__ import annotations
@@ -50,9 +57,15 @@ def _require_cuda(device) -> None:
         raise Unavailable("needs CUDA: Triton kernels (smoke run on CPU)")
 
 
+EXACT, FILTERED = "cocoa", "cocoa_filtered"  # our two rows: what each peer is held to
+CCE_DEFAULT_FILTER_EPS = 2.0**-12
+
+
 class CocoaLoss:
-    name = "cocoa"
+    name = EXACT
     ours = True
+    held_to = EXACT
+    grad_filter_eps: float | None = None
 
     def prepare(self, w: LossWorkload, device) -> Prepared:
         try:
@@ -63,15 +76,26 @@ class CocoaLoss:
 
         impl = "triton" if device.type == "cuda" or interpreting() else "torch"
 
-        def call(weight, x: LossInputs):
-            return linear_cross_entropy(x.hidden, weight, x.labels, ignore_index=IGNORE_INDEX, impl=impl)
+        eps = self.grad_filter_eps
 
-        return Prepared(call, info={"detail": f"cocoa_kernels.linear_cross_entropy(impl={impl!r})"})
+        def call(weight, x: LossInputs):
+            return linear_cross_entropy(x.hidden, weight, x.labels, ignore_index=IGNORE_INDEX, impl=impl,
+                                        grad_filter_eps=eps)
+
+        return Prepared(call, info={"detail": f"cocoa_kernels.linear_cross_entropy(impl={impl!r}, "
+                                              f"grad_filter_eps={eps!r})", "held_to": self.held_to})
+
+
+class CocoaLossFiltered(CocoaLoss):
+    name = FILTERED
+    held_to = FILTERED
+    grad_filter_eps = CCE_DEFAULT_FILTER_EPS
 
 
 class TorchCompact:
     name = "torch_compact"
     ours = False
+    held_to = EXACT
 
     def prepare(self, w: LossWorkload, device) -> Prepared:
         def call(weight, x: LossInputs):
@@ -80,12 +104,13 @@ class TorchCompact:
             return F.cross_entropy(logits.float(), x.labels[keep])
 
         return Prepared(call, info={"detail": "hidden[labels != -100] @ W.T, then F.cross_entropy on fp32 logits "
-                                              "(logits of the counted rows only)"})
+                                              "(logits of the counted rows only)", "held_to": self.held_to})
 
 
 class TorchFull:
     name = "torch_full"
     ours = False
+    held_to = EXACT
 
     def prepare(self, w: LossWorkload, device) -> Prepared:
         def call(weight, x: LossInputs):
@@ -93,12 +118,14 @@ class TorchFull:
             return F.cross_entropy(logits.float(), x.labels, ignore_index=IGNORE_INDEX)
 
         return Prepared(call, info={"detail": "hidden @ W.T for every row, fp32 upcast, "
-                                              "F.cross_entropy(ignore_index=-100) (transformers' default loss)"})
+                                              "F.cross_entropy(ignore_index=-100) (transformers' default loss)",
+                                    "held_to": self.held_to})
 
 
 class Liger:
     name = "liger"
     ours = False
+    held_to = EXACT
 
     def prepare(self, w: LossWorkload, device) -> Prepared:
         _require("liger_kernel", "liger-kernel")
@@ -111,12 +138,14 @@ class Liger:
             return _scalar(loss_fn(weight, x.hidden, x.labels))
 
         return Prepared(call, info={"detail": "LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction='mean')"
-                                              "(W, hidden, labels); gradients computed in its forward"})
+                                              "(W, hidden, labels); gradients computed in its forward",
+                                    "held_to": self.held_to})
 
 
 class CutCrossEntropy:
     name = "cut_cross_entropy"
     ours = False
+    held_to = FILTERED
     options: dict = {}  # extra keywords for cut_cross_entropy.linear_cross_entropy
     detail = "default impl and filter_eps (gradient filtering on)"
 
@@ -131,14 +160,16 @@ class CutCrossEntropy:
             return _scalar(cce(x.hidden, weight, x.labels, ignore_index=IGNORE_INDEX, reduction="mean", **options))
 
         return Prepared(call, info={"detail": "cut_cross_entropy.linear_cross_entropy(hidden, W, labels, "
-                                              f"ignore_index=-100, reduction='mean'), {self.detail}"})
+                                              f"ignore_index=-100, reduction='mean'), {self.detail}",
+                                    "held_to": self.held_to})
 
 
 class CutCrossEntropyExact(CutCrossEntropy):
     name = "cut_cross_entropy_exact"
+    held_to = EXACT
     options = {"filter_eps": None}
     detail = "filter_eps=None (exact gradients, no filtering)"
 
 
-IMPLS = {impl.name: impl for impl in (CocoaLoss(), TorchCompact(), TorchFull(), Liger(), CutCrossEntropy(),
-                                      CutCrossEntropyExact())}
+IMPLS = {impl.name: impl for impl in (CocoaLoss(), CocoaLossFiltered(), TorchCompact(), TorchFull(), Liger(),
+                                      CutCrossEntropy(), CutCrossEntropyExact())}

@@ -9,8 +9,8 @@ import torch
 
 from conftest import DEVICE, ON_GPU
 from cocoa_kernels import linear_cross_entropy
-from cocoa_kernels.losses import config, op, reference
-from loss_cases import IGNORE, assert_close, make_inputs, run_with_grads, torch_loss, truth_and_baseline
+from cocoa_kernels.losses import config, op, reference, workspace
+from loss_cases import EPS, IGNORE, assert_close, make_inputs, run_with_grads, torch_loss, truth_and_baseline
 
 IMPLS = ("triton", "torch")
 NAMES = ("loss", "d_hidden", "d_weight", "d_bias")
@@ -61,8 +61,8 @@ def test_flat_rows_every_label_counts(impl, dtype):
 
 def test_many_row_tiles_grouped_launch_order():
     """170 counted rows: 11 row tiles of the interpreter's 16, i.e. two launch groups of 8 row
-    tiles, the second one partial; H = 136 makes each backward chunk two column tiles wide
-    (V = 600: two chunks of 256 and a partial one)."""
+    tiles, the second one partial; V = 600 in the interpreter's one-tile chunks (its budget is
+    below the fp32 d_hidden rows here), the last one partial."""
     hidden, weight, bias, labels, up = make_inputs((170,), 136, 600, torch.float32, DEVICE, seed=21, ignore_frac=0.0)
     check_against_truth("triton", hidden, weight, labels, bias, up, reduction="sum")
 
@@ -162,26 +162,35 @@ def test_reference_in_chunks_matches_one_chunk(monkeypatch):
         torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("filtered", [False, True], ids=["exact", "filtered"])
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["interpreter", "gpu"])
 @pytest.mark.parametrize("rows", [1, 37, 6554, 200_000])
-def test_backward_vocab_chunks_fit_the_budget(on_gpu, rows):
-    """The backward's vocab chunk C: whole tiles (or the whole vocab); dz (rows x C) and the fp32
-    d_weight rows (C x H) within the budget unless C is at its floor of H columns (then dz is
-    at most about the d_hidden buffer's rows x H). The interpreter's small budget gives the
-    odd-size tests several chunks with a partial last one."""
+def test_backward_vocab_chunks_fit_the_budget(on_gpu, rows, filtered):
+    """The backward's vocab chunk C: whole tiles (or the whole vocab), never below its floor of
+    H / 2 columns (rounded up to a tile); the widest whose workspace fits the budget, unless
+    even the floor does not (very many counted rows), where C sits at the floor."""
     for dtype in (torch.bfloat16, torch.float32):
         cfg = config.pick_config(on_gpu, dtype)
         tile = cfg.dz.block_v
         for V in (300, 1007, 151_936):
             for H in (64, 80, 1536, 3584):
-                chunk = config.vocab_chunk(cfg, rows, V, H)
-                assert chunk == V or chunk % tile == 0
+                T = rows * 5 // 2
+
+                def size(c):
+                    return workspace.backward_workspace_bytes(rows, T, V, H, dtype, c, filtered=filtered,
+                                                              block_m=cfg.dz.block_m, block_v=tile)
+
+                chunk = workspace.vocab_chunk(cfg, rows, T, V, H, dtype, filtered=filtered)
+                floor = max(1, -(-(H // 2) // tile)) * tile
                 assert 0 < chunk <= V
-                floor = -(-H // tile) * tile
+                assert chunk == V or chunk % tile == 0
                 assert chunk >= min(V, floor)
                 if chunk > floor:
-                    assert rows * chunk <= cfg.chunk_elems and chunk * H <= cfg.chunk_elems
-    assert config.vocab_chunk(config.pick_config(False, torch.bfloat16), 37, 1007, 80) < 1007
+                    assert size(chunk) <= cfg.workspace_bytes
+                if chunk < V and size(floor) <= cfg.workspace_bytes:
+                    assert size(chunk + tile) > cfg.workspace_bytes  # the widest that fits
+    cfg = config.pick_config(False, torch.bfloat16)
+    assert workspace.vocab_chunk(cfg, 37, 74, 1007, 80, torch.bfloat16) < 1007
 
 
 def test_default_impl_follows_device():
@@ -343,3 +352,159 @@ def test_peak_memory_below_the_logits_avoided():
     extra = torch.cuda.max_memory_allocated() - before
     logits = counted * V * 4
     assert extra < logits, f"peak extra {extra / 2**20:.0f} MiB >= logits avoided {logits / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------- gradient filtering (grad_filter_eps)
+
+
+def test_filter_none_is_the_exact_path(monkeypatch):
+    """grad_filter_eps=None (the default) never reaches the filtered backward: its flags, lists and
+    block-sparse products are never built, and the gradients are the bits of a call without it."""
+    from cocoa_kernels.losses import triton_bwd
+
+    hidden, weight, bias, labels, up = make_inputs((2, 29), 80, 1007, torch.bfloat16, DEVICE, seed=41)
+
+    def fn(eps_kw):
+        return lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, shift=1, reduction="none", impl="triton",
+                                                    **eps_kw)
+
+    default = run_with_grads(fn({}), hidden, weight, bias, up)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the filtered backward ran with grad_filter_eps=None")
+
+    for name in ("LiveLists", "sparse_d_weight", "sparse_d_hidden_"):
+        monkeypatch.setattr(triton_bwd, name, boom)
+    explicit = run_with_grads(fn({"grad_filter_eps": None}), hidden, weight, bias, up)
+    for name, a, b in zip(NAMES, default, explicit):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_filter_eps_zero_keeps_every_tile(dtype):
+    """eps = 0 skips nothing: the block-sparse products over every tile meet the exact bar
+    (float64 truth; shift, bias, partial tiles, several chunks)."""
+    hidden, weight, bias, labels, up = make_inputs((2, 37), 80, 1007, DTYPES[dtype], DEVICE, seed=42)
+
+    def fn(h, w, b):
+        return linear_cross_entropy(h, w, labels, bias=b, shift=1, reduction="none", impl="triton",
+                                    grad_filter_eps=0.0)
+
+    got = run_with_grads(fn, hidden, weight, bias, up)
+    truth, base = truth_and_baseline(hidden, weight, labels, bias, up, 1, "none")
+    for name, g, t, b in zip(NAMES, got, truth, base):
+        assert_close(f"eps=0 {name}", g, t, b, DTYPES[dtype])
+
+
+def _peaked_inputs(dtype):
+    """Logits of std ~0.2 around a bias per vocab range, eps = 1e-3 in mind: targets among the
+    first 256 vocab entries (bias +2), vocab 640..767 warm (bias +3: probabilities ~4e-3, kept),
+    every other entry cold (bias 0: ~2e-4, at most ~5e-4, skipped unless its tile holds a
+    target). Vocab tiles of 128: 0, 1 and 5 are kept, 2-4 and 6-7 skipped, in every row tile."""
+    hidden, weight, bias, labels, up = make_inputs((90,), 64, 1007, torch.float32, "cpu", seed=43)
+    weight = weight * 0.1
+    bias = torch.zeros_like(bias)
+    bias[:256] = 2.0
+    bias[640:768] = 3.0
+    labels = torch.where(labels == IGNORE, labels, labels % 256)
+    cast = lambda t: t.to(device=DEVICE, dtype=dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias), labels.to(DEVICE), up.to(DEVICE)
+
+
+def _filtered_truth(hidden, weight, bias, labels, up, eps, block_m, block_v):
+    """float64 gradients with every [block_m counted rows, block_v vocab] tile dropped whose
+    entries of softmax - onehot are all below eps (counted rows in order, vocab tiles from 0),
+    and the mask of kept tiles."""
+    h, w, b = (t.detach().cpu().double() for t in (hidden, weight, bias))
+    rows = (labels.cpu() != IGNORE).nonzero().squeeze(1)
+    z = h[rows] @ w.T + b
+    delta = torch.softmax(z, dim=1)
+    delta[torch.arange(rows.numel()), labels.cpu()[rows]] -= 1
+    n, V = delta.shape
+    keep = torch.zeros(-(-n // block_m), -(-V // block_v), dtype=torch.bool)
+    for i in range(keep.shape[0]):
+        for j in range(keep.shape[1]):
+            tile = delta[i * block_m:(i + 1) * block_m, j * block_v:(j + 1) * block_v]
+            keep[i, j] = bool(tile.abs().max() >= eps)
+    mask = keep.repeat_interleave(block_m, 0)[:n].repeat_interleave(block_v, 1)[:, :V]
+    dz = delta * mask * up.cpu().double()[rows, None]
+    d_hidden = torch.zeros_like(h)
+    d_hidden[rows] = dz @ w
+    return (d_hidden, dz.T @ h[rows], dz.sum(0)), keep
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_filter_skips_exactly_the_quiet_tiles_within_the_bound(dtype):
+    """With eps = 1e-3: the gradients equal the float64 gradients with the quiet tiles dropped
+    (so the filter keeps the tiles with a target or a warm probability, and only those; vocab
+    tiles no row tile keeps get d_weight and d_bias exactly 0), and differ from the exact float64
+    gradients by no more than the documented bound eps * g_i * sum_v |W[v, k]| (d_hidden),
+    eps * sum_i g_i |h[i, k]| (d_weight), eps * sum_i g_i (d_bias), give or take the exact
+    path's own rounding; the loss is unchanged; and the filtered gradients are deterministic."""
+    eps = 1e-3
+    hidden, weight, bias, labels, up = _peaked_inputs(DTYPES[dtype])
+    cfg = config.pick_config(ON_GPU, DTYPES[dtype])
+
+    def fn(eps_value):
+        return lambda h, w, b: linear_cross_entropy(h, w, labels, bias=b, reduction="none", impl="triton",
+                                                    grad_filter_eps=eps_value)
+
+    exact = run_with_grads(fn(None), hidden, weight, bias, up)
+    filtered = run_with_grads(fn(eps), hidden, weight, bias, up)
+    again = run_with_grads(fn(eps), hidden, weight, bias, up)
+    for name, a, b in zip(NAMES, filtered, again):
+        assert torch.equal(a, b), f"filtered {name} differs between two identical runs"
+    truth, _ = truth_and_baseline(hidden, weight, labels, bias, up, 0, "none")
+    dropped, keep = _filtered_truth(hidden, weight, bias, labels, up, eps, cfg.dz.block_m, cfg.dz.block_v)
+    if cfg.dz.block_v == 128:  # the interpreter's tiles, which the inputs are laid out for
+        assert keep[:, [0, 1, 5]].all() and not keep[:, [2, 3, 4, 6, 7]].any(), keep
+    assert keep.any() and not keep.all(), "the inputs must give both kept and skipped tiles"
+    assert torch.equal(filtered[0], exact[0])
+
+    cold = ~keep.any(0).repeat_interleave(cfg.dz.block_v)[: weight.shape[0]]
+    assert torch.all(filtered[2][cold.to(DEVICE)] == 0) and torch.all(filtered[3][cold.to(DEVICE)] == 0)
+    assert torch.all(exact[3][cold.to(DEVICE)] != 0)
+
+    h = hidden.detach().cpu().double()
+    w = weight.detach().cpu().double()
+    g = torch.where(labels.cpu() != IGNORE, up.cpu().double(), 0.0)
+    bounds = (eps * g[:, None] * w.abs().sum(0)[None, :], eps * (g[:, None] * h.abs()).sum(0)[None, :].expand_as(w),
+              eps * g.sum() * torch.ones(w.shape[0], dtype=torch.float64))
+    for name, e, f, t, d, bound in zip(NAMES[1:], exact[1:], filtered[1:], truth[1:], dropped, bounds):
+        scale = t.abs().max().item()
+        rounding = 2 * (e.cpu().double() - t).abs().max().item() + EPS[DTYPES[dtype]] * scale
+        f = f.cpu().double()
+        assert (f - d).abs().max().item() <= rounding, f"{name}: not the tiles the filter should skip"
+        assert ((f - t).abs() - bound).max().item() <= rounding, f"{name}: change beyond the documented bound"
+
+
+@pytest.mark.parametrize(
+    "eps, exc, match",
+    [(-0.1, ValueError, r"grad_filter_eps must be in \[0, 1\]"), (1.5, ValueError, r"must be in \[0, 1\]"),
+     (float("nan"), ValueError, r"must be in \[0, 1\]"), ("1e-3", TypeError, "grad_filter_eps must be None or a float"),
+     (True, TypeError, "grad_filter_eps must be None or a float")],
+    ids=["negative", "above-one", "nan", "string", "bool"],
+)
+def test_filter_eps_errors(eps, exc, match):
+    h, w, b, y, _ = make_inputs((2, 5), 16, 10, torch.float32, DEVICE, seed=44)
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(h, w, y, bias=b, grad_filter_eps=eps)
+
+
+@pytest.mark.parametrize("counted", [0.4, 0.1, 1.0], ids=["40pct", "10pct", "all"])
+def test_forward_splits_fill_the_last_wave(counted):
+    """The forward's vocab splits are sized from the counted rows: at the goal shape (16,384
+    tokens, V 151,936) on 132 SMs the busiest SM's work is within 2% of a perfect spread
+    (row tiles x vocab tiles / SMs), where splits sized for all 16,384 rows left the last wave
+    ~11% idle at 40% counted."""
+    cfg = config.pick_config(True, torch.bfloat16)
+    rows, V, sms = round(counted * 16384), 151_936, 132
+    splits, split_cols = config.fwd_splits(cfg, rows, V, sms)
+    row_tiles = -(-rows // cfg.fwd.block_m)
+    vocab_tiles = -(-V // cfg.fwd.block_v)
+    assert split_cols % cfg.fwd.block_v == 0 and (splits - 1) * split_cols < V <= splits * split_cols
+    span = config.fwd_makespan(row_tiles, vocab_tiles, splits, sms)
+    ideal = row_tiles * vocab_tiles / sms
+    assert span <= 1.02 * ideal, (splits, span, ideal)
+    pinned = config.LossConfig(fwd=cfg.fwd, dz=cfg.dz, products=cfg.products, fwd_splits=5)
+    assert config.fwd_splits(pinned, rows, V, sms)[0] == 5

@@ -29,6 +29,7 @@ def linear_cross_entropy(
     shift: int = 0,
     reduction: str = "mean",
     impl: str | None = None,
+    grad_filter_eps: float | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
 
@@ -49,8 +50,9 @@ def linear_cross_entropy(
         - Only the positions that count are computed: rows whose label is ``ignore_index`` are
           dropped (compacted on the device) before any matrix work, and the (tokens x V) logits
           never exist in memory: the forward keeps an online log-sum-exp over vocab tiles, the
-          backward holds one bounded chunk of the logits' gradient at a time (64 Mi elements,
-          128 MiB of bf16, on a GPU) for its two GEMMs. Accumulation is fp32.
+          backward holds one bounded chunk of the logits' gradient at a time for its two GEMMs,
+          its whole workspace within 64 MB on a GPU where the counted rows' fp32 d_hidden leaves
+          room (``losses.workspace.backward_workspace_bytes``). Accumulation is fp32.
         - ``shift=k`` (needs (B, N, H)) scores the hidden state at position i of a row against the
           label at position i + k of the same row (``shift=1``: masked next-token prediction);
           the last k positions of every row score nothing. ``shift=0`` scores i against i.
@@ -60,6 +62,14 @@ def linear_cross_entropy(
         - Differentiable in hidden, weight and bias; only the gradients autograd asks for are
           computed (a frozen LM head, as under LoRA, costs no d_weight). Gradients are bitwise
           deterministic.
+        - ``grad_filter_eps``: None (the default) computes exact gradients. A float eps in [0, 1]
+          lets the Triton backward skip every [rows x vocab] tile of the logits' gradient in which
+          all entries of ``softmax - onehot(label)`` are below eps in magnitude (CCE's gradient
+          filtering; the loss itself stays exact). Each dropped entry is below ``eps * g_i``
+          (g_i: row i's upstream gradient, 1/count for "mean"), so with W, h the weight and the
+          counted hidden rows: |change in d_hidden[i, k]| <= eps * g_i * sum_v |W[v, k]|,
+          |change in d_weight[v, k]| <= eps * sum_i g_i |h[i, k]|, |change in d_bias[v]| <=
+          eps * sum_i g_i (plus rounding). The PyTorch path ignores it (always exact).
         - ``impl``: None picks Triton for CUDA tensors and PyTorch otherwise; "triton" or "torch"
           forces one (see ``cocoa_kernels._backend``). Labels outside [0, V) that are not
           ``ignore_index`` raise a ValueError (this check syncs with the host once per call; the
@@ -77,10 +87,11 @@ def linear_cross_entropy(
     # master weight then gets its gradient back in fp32 through the cast.
     hidden, weight, bias = cast_to_autocast(device, hidden, weight, bias)
     _check(hidden, weight, labels, bias, ignore_index, shift, reduction, impl)
+    eps = _check_filter_eps(grad_filter_eps)
     shift = int(shift)
     targets = _shifted_targets(labels, shift, ignore_index)
     loss, _ = op.linear_cross_entropy_fwd(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), int(ignore_index), impl
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), int(ignore_index), impl, eps
     )
     if reduction == "sum":
         return loss.sum()
@@ -105,6 +116,17 @@ def _at_label_positions(loss: torch.Tensor, shift: int) -> torch.Tensor:
         return loss
     k = min(shift, loss.shape[1])
     return F.pad(loss[:, : loss.shape[1] - k], (k, 0))
+
+
+def _check_filter_eps(eps) -> float | None:
+    if eps is None:
+        return None
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{_NAME}: grad_filter_eps must be None or a float in [0, 1], got {eps!r}")
+    eps = float(eps)
+    if not 0.0 <= eps <= 1.0:  # also rejects NaN
+        raise ValueError(f"{_NAME}: grad_filter_eps must be in [0, 1] (a probability), got {eps}")
+    return eps
 
 
 def _check(hidden, weight, labels, bias, ignore_index, shift, reduction, impl) -> None:

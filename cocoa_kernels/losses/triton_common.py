@@ -70,15 +70,14 @@ def add_bias(z, Bias, cols, col_ok, HAS_BIAS: tl.constexpr, MASK_V: tl.constexpr
 
 
 @triton.jit
-def softmax_grad(z, cols, col_ok, tgt, lse2, g, MASK_V: tl.constexpr):
-    """d loss / d logits = g * (softmax(z) - onehot(tgt)) for a [BLOCK_M, BLOCK_V] tile, fp32.
+def softmax_minus_onehot(z, cols, col_ok, tgt, lse2, MASK_V: tl.constexpr):
+    """``softmax(z) - onehot(tgt)`` for a [BLOCK_M, BLOCK_V] tile, fp32: the logits' gradient
+    before the upstream factor, and what the backward's filter measures.
 
     ``lse2`` is the row's log-sum-exp in log2 units (+inf for rows that do not count, which
-    makes their probabilities exactly 0); ``g`` the upstream gradient of the row's loss (0 for
-    rows that do not count); ``tgt`` the row's target (-1 for rows that do not count).
+    makes their probabilities exactly 0); ``tgt`` the row's target (-1 for rows that do not count).
     """
     p = tl.math.exp2(z * LOG2E - lse2[:, None])
     if MASK_V:
         p = tl.where(col_ok[None, :], p, 0.0)
-    p = p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-    return p * g[:, None]
+    return p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)

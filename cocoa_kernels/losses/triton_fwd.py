@@ -51,7 +51,7 @@ def _fwd_inner(
 def _lce_fwd_kernel(
     Hidden, Weight, Bias, Rows, SlotTargets, Count, Part,
     stride_ht, stride_hh, stride_wv, stride_wh,
-    T, V, H, V_FULL, SPLIT_COLS, NUM_SPLITS,
+    P, V, H, V_FULL, SPLIT_COLS, NUM_SPLITS,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -59,7 +59,7 @@ def _lce_fwd_kernel(
     Rows, SlotTargets: (T,) int32, the compaction (counted rows first) and their targets;
     Count: (1,) int32, how many rows count. V_FULL = V rounded down to BLOCK_V; split s covers
     vocab ``[s * SPLIT_COLS, min((s + 1) * SPLIT_COLS, V))``.
-    Part: (3, NUM_SPLITS, T) float32, written for slots < count: running max of the base-2
+    Part: (3, NUM_SPLITS, P) float32 (P >= count), written for slots < count: running max of the base-2
     logits, sum of exp2 relative to it, and the target logit (natural units, 0 outside the split)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -84,14 +84,14 @@ def _lce_fwd_kernel(
     m_i, l_i, t_i = _fwd_inner(m_i, l_i, t_i, h_ptrs, Weight, Bias, slot_ok, tgt, offs_v, offs_h,
                                tl.maximum(v_lo, V_FULL), v_hi, V, H, stride_wv, stride_wh, stride_hh,
                                BLOCK_M, BLOCK_V, BLOCK_H, HAS_BIAS, True, EVEN_H, DOT_PRECISION)
-    out = pid_s * T + slots
+    out = pid_s * P + slots
     tl.store(Part + out, m_i, mask=slot_ok)
-    tl.store(Part + NUM_SPLITS * T + out, l_i, mask=slot_ok)
-    tl.store(Part + 2 * NUM_SPLITS * T + out, t_i, mask=slot_ok)
+    tl.store(Part + NUM_SPLITS * P + out, l_i, mask=slot_ok)
+    tl.store(Part + 2 * NUM_SPLITS * P + out, t_i, mask=slot_ok)
 
 
 @triton.jit
-def _lce_combine_kernel(Part, Rows, Count, Loss, Lse, T, NUM_SPLITS, BLOCK: tl.constexpr):
+def _lce_combine_kernel(Part, Rows, Count, Loss, Lse, T, P, NUM_SPLITS, BLOCK: tl.constexpr):
     """Merge the splits of every slot in split order; write ``Loss[row] = lse - target logit``
     (natural units) and ``Lse[row]`` (log2 units) for counted rows, 0 for the others. Rows is a
     permutation of [0, T), so every element of Loss and Lse is written exactly once."""
@@ -102,9 +102,9 @@ def _lce_combine_kernel(Part, Rows, Count, Loss, Lse, T, NUM_SPLITS, BLOCK: tl.c
     l = tl.zeros([BLOCK], dtype=tl.float32)
     t = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, NUM_SPLITS):
-        m_s = tl.load(Part + s * T + slots, mask=valid, other=-1.0e30)
-        l_s = tl.load(Part + (NUM_SPLITS + s) * T + slots, mask=valid, other=0.0)
-        t += tl.load(Part + (2 * NUM_SPLITS + s) * T + slots, mask=valid, other=0.0)
+        m_s = tl.load(Part + s * P + slots, mask=valid, other=-1.0e30)
+        l_s = tl.load(Part + (NUM_SPLITS + s) * P + slots, mask=valid, other=0.0)
+        t += tl.load(Part + (2 * NUM_SPLITS + s) * P + slots, mask=valid, other=0.0)
         m_new = tl.maximum(m, m_s)
         l = l * tl.math.exp2(m - m_new) + l_s * tl.math.exp2(m_s - m_new)
         m = m_new
@@ -115,8 +115,10 @@ def _lce_combine_kernel(Part, Rows, Count, Loss, Lse, T, NUM_SPLITS, BLOCK: tl.c
     tl.store(Lse + rows, tl.where(valid, lse2, 0.0), mask=in_range)
 
 
-def lce_fwd(hidden, weight, bias, targets, ignore_index: int, cfg: LossConfig):
-    """hidden (T, H), weight (V, H), bias (V,) or None, targets (T,) integer.
+def lce_fwd(hidden, weight, bias, targets, ignore_index: int, cfg: LossConfig, n_counted: int | None = None):
+    """hidden (T, H), weight (V, H), bias (V,) or None, targets (T,) integer; ``n_counted``: how
+    many targets are not ``ignore_index``, if the caller knows (the grid then covers only the
+    counted rows' tiles and the vocab splits are sized for them; else T bounds it).
 
     Returns ``loss`` (T,) float32 (0 where ``targets == ignore_index``) and ``lse`` (T,) float32
     in log2 units, which is what ``triton_bwd`` expects."""
@@ -128,18 +130,21 @@ def lce_fwd(hidden, weight, bias, targets, ignore_index: int, cfg: LossConfig):
         return loss, lse
     rows, count, slot_targets = compact_rows(targets, ignore_index)
     k = cfg.fwd
-    splits, split_cols = fwd_splits(cfg, T, V, hidden.device)
-    part = torch.empty(3, splits, T, dtype=torch.float32, device=hidden.device)
+    rows_bound = T if n_counted is None else max(1, min(int(n_counted), T))
+    sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 1
+    splits, split_cols = fwd_splits(cfg, rows_bound, V, sms)
+    # the partial results of the counted slots only (rows_bound of them at most)
+    part = torch.empty(3, splits, rows_bound, dtype=torch.float32, device=hidden.device)
     b = bias.contiguous() if bias is not None else weight  # never read without HAS_BIAS
-    _lce_fwd_kernel[(triton.cdiv(T, k.block_m), splits)](
+    _lce_fwd_kernel[(triton.cdiv(rows_bound, k.block_m), splits)](
         hidden, weight, b, rows, slot_targets, count, part,
         *hidden.stride(), *weight.stride(),
-        T, V, H, (V // k.block_v) * k.block_v, split_cols, splits,
+        rows_bound, V, H, (V // k.block_v) * k.block_v, split_cols, splits,
         BLOCK_M=k.block_m, BLOCK_V=k.block_v, BLOCK_H=k.block_h,
         HAS_BIAS=bias is not None, EVEN_H=(H % k.block_h == 0), DOT_PRECISION=dot_precision(hidden.dtype),
         num_warps=k.num_warps, num_stages=k.num_stages,
     )
     _lce_combine_kernel[(triton.cdiv(T, _COMBINE_BLOCK),)](
-        part, rows, count, loss, lse, T, splits, BLOCK=_COMBINE_BLOCK,
+        part, rows, count, loss, lse, T, rows_bound, splits, BLOCK=_COMBINE_BLOCK,
     )
     return loss, lse
