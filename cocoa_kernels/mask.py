@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KeyRanges", "key_tile_bounds", "query_tile_bounds"]
+__all__ = ["KeyRanges", "key_tile_bounds", "query_tile_bounds", "tile_loop_iterations"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -356,3 +356,15 @@ def key_tile_bounds(lo: torch.Tensor, hi: torch.Tensor, block_m: int, block_n: i
     f_end = torch.where(no_full, q_end, f_end)
     rows = torch.stack([q_begin, f_begin, f_end, q_end], dim=-1) * block_m
     return rows.clamp_(max=N).to(torch.int32).contiguous()
+
+
+def tile_loop_iterations(bounds: torch.Tensor, step: int) -> torch.Tensor:
+    """Iterations of the three loops (masked, unmasked, masked) a kernel runs over one tile's
+    ``bounds`` from :func:`query_tile_bounds` (``step = block_n``) or :func:`key_tile_bounds`
+    (``step = block_m``): int64, the bounds' shape without the last dimension of 4.
+
+    Each loop takes ``range(begin, end, step)``, so a loop costs ``cdiv(end - begin, step)``;
+    this is the work the schedulers sort on and ``bench/work_model.py`` sums. No host sync."""
+    b = bounds.long()
+    edges = b[..., 1:] - b[..., :-1]  # the three loops' extents, never negative
+    return (-torch.div(-edges, step, rounding_mode="floor")).sum(-1)

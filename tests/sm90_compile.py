@@ -1,6 +1,7 @@
-"""Compile the shipped kernel configurations for Hopper (sm_90a) without a GPU, and read what
-ptxas reports: registers, spilled bytes, shared memory, and whether the tensor-core (wgmma) and
-asynchronous-copy (cp.async) paths were taken.
+"""Compile the shipped kernel configurations for Ampere (sm_80), Ada (sm_89) and Hopper (sm_90a)
+without a GPU, and read what ptxas reports: registers, spilled bytes, shared memory, whether the
+tensor-core (wgmma on sm_90a, mma.sync before) and asynchronous-copy (cp.async, TMA) paths were
+taken, and from the SASS, the instructions one key costs in the attention key loop.
 
 The Triton interpreter checks arithmetic, not what only a compiled kernel shows: a tile whose
 shared memory exceeds the SM's, a config that spills registers, a dot that silently leaves the
@@ -11,13 +12,21 @@ Launch-time specialisation is reproduced: pointers aligned to 16 bytes, strides 
 dimension equal to 1 (constexpr), the other strides and the head dim divisible by 16 (Triton
 marks integer arguments divisible by 16 at launch; the shapes we ship have that property).
 
-``python tests/sm90_compile.py`` prints the table for every case; ``--json NAME`` compiles one case
-and prints its report as JSON (the tests run it so, in a process without ``TRITON_INTERPRET``:
-under the interpreter ``@triton.jit`` functions cannot be compiled).
+``loop_instructions_per_key`` (forward and dQ): the SASS instructions of one iteration of the
+steady-state unmasked key loop (the middle of the kernel's three loops: masked edge, full tiles,
+masked edge; an instruction is issued once per warp) divided by the BLOCK_N keys it consumes.
+SASS comes from ``nvdisasm`` in the triton wheel, run on the cubin Triton built.
+
+``python tests/sm90_compile.py`` prints the table for every case and arch; ``--json`` prints one
+JSON object per (case, arch) instead; ``--case NAME --arch ARCH`` limit what is compiled (the tests
+run one case name per process, without ``TRITON_INTERPRET``: under the interpreter
+``@triton.jit`` functions cannot be compiled). ``--dtype`` picks the element types (default bf16
+and fp32: the two tables we ship; fp16 uses bf16's configs).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -40,17 +49,23 @@ from cocoa_kernels.attention import triton_fwd as attn_fwd  # noqa: E402
 from cocoa_kernels.losses import config as loss_config  # noqa: E402
 from cocoa_kernels.losses import triton_bwd as loss_bwd  # noqa: E402
 from cocoa_kernels.losses import triton_fwd as loss_fwd  # noqa: E402
+from cocoa_kernels.losses import triton_sparse as loss_sparse  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-SHARED_LIMIT = 227 * 1024  # the most shared memory one block may use on sm_90
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+# arch -> (compute capability, the most shared memory one block may use: CUDA's
+# sharedMemPerBlockOptin on A100, on Ada/consumer Ampere, and on H100/H200)
+ARCHS = {"sm_80": (80, 163 * 1024), "sm_89": (89, 99 * 1024), "sm_90a": (90, 227 * 1024)}
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+PTXAS = _BIN / "ptxas"
+NVDISASM = _BIN / "nvdisasm"
 _TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
 @dataclass(frozen=True)
 class Case:
     """One kernel specialisation: which pointer arguments hold which element type, the constexpr
-    values, integer arguments known to be divisible by 16, and the launch options."""
+    values, integer arguments known to be divisible by 16, and the launch options; then what the
+    report names it by (``kernel``, ``dtype``, ``head_dim``, the tile: for the loss, rows x
+    vocabulary columns)."""
 
     name: str
     fn: object
@@ -59,23 +74,44 @@ class Case:
     divisible: tuple
     num_warps: int
     num_stages: int
+    kernel: str = ""
+    dtype: str = ""
+    head_dim: int | None = None
+    block_m: int | None = None
+    block_n: int | None = None
+    key_loop: bool = False  # a three-loop attention kernel over key tiles (forward, dQ)
+    gemm: bool = True  # a tensor-core kernel (the loss's live-list builder is not)
 
 
 @dataclass(frozen=True)
 class Report:
     name: str
+    kernel: str
+    arch: str
+    dtype: str
+    head_dim: int | None
+    block_m: int | None
+    block_n: int | None
+    num_warps: int
+    num_stages: int
     registers: int
     spill_bytes: int  # spill stores + spill loads, as ptxas counts them
     shared_bytes: int
-    wgmma: int
+    shared_limit: int  # the arch's per-block maximum
+    mma: int  # tensor-core instructions in the PTX: wgmma.mma_async (sm_90a) or mma.sync
     cp_async: int
+    tma_loads: int  # cp.async.bulk.tensor loads in the PTX
+    warp_specialized: bool
+    loop_instructions_per_key: float | None  # forward and dQ only
 
     def row(self) -> str:
-        return (f"{self.name:44s} regs {self.registers:3d}  spills {self.spill_bytes:5d} B  "
-                f"shared {self.shared_bytes / 1024:6.1f} KiB  wgmma {self.wgmma:3d}  cp.async {self.cp_async:3d}")
+        per_key = "" if self.loop_instructions_per_key is None else f"  instr/key {self.loop_instructions_per_key:5.2f}"
+        return (f"{self.name:44s} {self.arch:6s} regs {self.registers:3d}  spills {self.spill_bytes:5d} B  "
+                f"shared {self.shared_bytes / 1024:6.1f}/{self.shared_limit // 1024} KiB  mma {self.mma:3d}  "
+                f"cp.async {self.cp_async:3d}  tma {self.tma_loads}{per_key}")
 
 
-def compile_case(case: Case) -> Report:
+def _signature(case: Case):
     args = case.fn.arg_names
     signature, constexprs = {}, {}
     for name in args:
@@ -85,30 +121,90 @@ def compile_case(case: Case) -> Report:
         elif name in case.pointers:
             kind = case.pointers[name]
             signature[name] = "*i32" if kind == "i32" else _TRITON_TYPES[kind]
-        elif name in ("scale", "scale_log2"):
+        elif name in ("scale", "scale_log2", "eps"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(args)
              if signature[name].startswith("*") or name in case.divisible}
-    kernel = triton.compile(ASTSource(case.fn, signature, constexprs=constexprs, attrs=attrs), target=TARGET,
+    return signature, constexprs, attrs
+
+
+_SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+
+
+def sass_loops(sass: str) -> list[list[str]]:
+    """The bodies (instruction lists) of the loops in ``nvdisasm`` output, in address order: a
+    branch back to an earlier label closes a loop. Self-branches (the trap after EXIT) are not loops."""
+    labels, instructions, loops = {}, [], []
+    for line in sass.splitlines():
+        label = _LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        ins = _SASS_LINE.search(line)
+        if not ins:
+            continue
+        instructions.append(ins.group(1))
+        target = _BRANCH.search(ins.group(1))
+        if target and target.group(1) in labels and labels[target.group(1)] < len(instructions) - 1:
+            loops.append(instructions[labels[target.group(1)]:])
+    return loops
+
+
+def loop_instructions_per_key(sass: str, block_n: int) -> float:
+    """SASS instructions (NOPs excluded) of the unmasked key loop's body per key. The forward and
+    dQ kernels run three key loops in this order: masked edge, full tiles, masked edge."""
+    loops = [body for body in sass_loops(sass) if any("MMA" in ins for ins in body)]
+    if len(loops) != 3:
+        raise RuntimeError(f"expected the 3 key loops (masked, full, masked) in the SASS, found {len(loops)} "
+                           "loops with tensor-core instructions; the kernel's structure changed")
+    first, full, last = (sum(1 for ins in body if not ins.split()[0].endswith("NOP")) for body in loops)
+    if full >= min(first, last):
+        raise RuntimeError(f"the middle key loop ({full} instructions) is not shorter than the masked ones "
+                           f"({first}, {last}): it is not the unmasked loop; the kernel's structure changed")
+    return full / block_n
+
+
+def compile_case(case: Case, arch: str = "sm_90a") -> Report:
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    capability, shared_limit = ARCHS[arch]
+    signature, constexprs, attrs = _signature(case)
+    kernel = triton.compile(ASTSource(case.fn, signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", capability, 32),
                             options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
     ptx = kernel.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([str(PTXAS), "-v", "--gpu-name=sm_90a", src, "-o", src + ".cubin"],
+        log = subprocess.run([str(PTXAS), "-v", f"--gpu-name={arch}", src, "-o", src + ".cubin"],
                              capture_output=True, text=True, check=True).stderr
+        per_key = None
+        if case.key_loop:
+            with open(src + ".triton.cubin", "wb") as f:  # the cubin Triton built and would launch
+                f.write(kernel.asm["cubin"])
+            sass = subprocess.run([str(NVDISASM), "-c", src + ".triton.cubin"], capture_output=True, text=True,
+                                  check=True).stdout
+            per_key = loop_instructions_per_key(sass, case.block_n)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     registers = re.search(r"Used (\d+) registers", log)
     return Report(
-        name=case.name,
+        name=case.name, kernel=case.kernel, arch=arch, dtype=case.dtype, head_dim=case.head_dim,
+        block_m=case.block_m, block_n=case.block_n, num_warps=case.num_warps, num_stages=case.num_stages,
         registers=int(registers.group(1)),
         spill_bytes=int(spills.group(1)) + int(spills.group(2)),
         shared_bytes=kernel.metadata.shared,
-        wgmma=ptx.count("wgmma.mma_async"),
+        shared_limit=shared_limit,
+        mma=ptx.count("wgmma.mma_async") + ptx.count("mma.sync"),
         cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+        tma_loads=ptx.count("cp.async.bulk.tensor"),
+        # Warp-specialised kernels hand registers between producer and consumer warps.
+        warp_specialized="setmaxnreg" in ptx,
+        loop_instructions_per_key=per_key,
     )
 
 
@@ -120,7 +216,7 @@ def _strides(fn, constexprs) -> tuple[dict, tuple]:
     return constexprs, tuple(n for n in fn.arg_names if n.startswith("stride_") and n not in constexprs)
 
 
-def attention_cases(dtype: str = "bf16", head_dims=(64, 80, 96, 128)) -> list[Case]:
+def attention_cases(dtype: str = "bf16", arch: str = "sm_90a", head_dims=(64, 80, 96, 128)) -> list[Case]:
     """fwd, dq and dk/dv for each head dim with the GPU table's config; dk/dv twice: one program
     per K/V head of an MHA model (GROUP = SPLITS = 1, specialised) and the split path of GQA
     (runtime GROUP and SPLITS, fp32 partial outputs)."""
@@ -128,10 +224,10 @@ def attention_cases(dtype: str = "bf16", head_dims=(64, 80, 96, 128)) -> list[Ca
     element = 4 if dtype == "fp32" else 2
     for D in head_dims:
         block_d = attn_config.block_d_for(D)
-        cfg = attn_config.pick_config(block_d, element, on_gpu=True)
+        cfg = attn_config.pick_config(block_d, element, on_gpu=True, capability=divmod(ARCHS[arch][0], 10))
         base = dict(BLOCK_D=block_d, EVEN_D=block_d == D, DOT_PRECISION="tf32x3" if dtype == "fp32" else "tf32")
         data = {n: dtype for n in ("Q", "K", "V", "Out", "O", "DO", "DQ", "DK", "DV")}
-        data.update({n: "fp32" for n in ("Lse", "Delta")}, **{n: "i32" for n in ("Lo", "Hi", "Bounds")})
+        data.update({n: "fp32" for n in ("Lse", "Delta")}, **{n: "i32" for n in ("Lo", "Hi", "Bounds", "Order")})
         kernels = (("fwd", attn_fwd._attn_fwd_kernel, cfg.fwd, {}, data),
                    ("dq", attn_bwd._attn_bwd_dq_kernel, cfg.dq, {}, data),
                    ("dkdv mha", attn_bwd._attn_bwd_dkdv_kernel, cfg.dkdv, {"GROUP": 1, "SPLITS": 1}, data),
@@ -140,44 +236,72 @@ def attention_cases(dtype: str = "bf16", head_dims=(64, 80, 96, 128)) -> list[Ca
         for label, fn, k, fixed, pointers in kernels:
             constexprs, divisible = _strides(fn, dict(base, BLOCK_M=k.block_m, BLOCK_N=k.block_n, **fixed))
             cases.append(Case(f"attention {label} {dtype} D={D} ({k.block_m}x{k.block_n}, w{k.num_warps})",
-                              fn, pointers, constexprs, divisible + ("D",), k.num_warps, k.num_stages))
+                              fn, pointers, constexprs, divisible + ("D",), k.num_warps, k.num_stages,
+                              kernel=f"attention {label}", dtype=dtype, head_dim=D, block_m=k.block_m,
+                              block_n=k.block_n, key_loop=label in ("fwd", "dq")))
     return cases
 
 
 def loss_cases(dtype: str = "bf16") -> list[Case]:
-    """The forward and the logit-gradient kernel (full and partial last column tile)."""
+    """The forward, the logit-gradient kernel (full and partial last column tile; exact and
+    filtered) and the filtered backward's block-sparse products and live-list builder."""
     cfg = loss_config.pick_config(True, torch.float32 if dtype == "fp32" else torch.bfloat16)
-    pointers = {n: dtype for n in ("Hidden", "HC", "Weight", "Bias", "DZ")}
-    pointers.update({n: "i32" for n in ("Rows", "SlotTargets", "Targets", "Count")},
-                    **{n: "fp32" for n in ("Lse", "DLoss", "Part")})
+    pointers = {n: dtype for n in ("Hidden", "HC", "Weight", "Bias", "DZ", "DW")}
+    pointers.update({n: "i32" for n in ("Rows", "SlotTargets", "Targets", "Count", "Live", "OrderH", "OrderW",
+                                        "CountH", "CountW")},
+                    **{n: "fp32" for n in ("Lse", "DLoss", "Part", "DH")})
     precision = "ieee" if dtype == "fp32" else "tf32"
+    dlogits = dict(HAS_BIAS=False, EVEN_H=True, GROUP_M=loss_bwd._GROUP_M)
     cases = []
     for label, fn, k, flags in (
         ("fwd", loss_fwd._lce_fwd_kernel, cfg.fwd, dict(HAS_BIAS=False, EVEN_H=True)),
-        ("dlogits", loss_bwd._lce_dlogits_kernel, cfg.dz,
-         dict(HAS_BIAS=False, MASK_V=False, EVEN_H=True, GROUP_M=loss_bwd._GROUP_M)),
-        ("dlogits partial tile", loss_bwd._lce_dlogits_kernel, cfg.dz,
-         dict(HAS_BIAS=False, MASK_V=True, EVEN_H=True, GROUP_M=loss_bwd._GROUP_M)),
+        ("dlogits", loss_bwd._lce_dlogits_kernel, cfg.dz, dict(dlogits, MASK_V=False, FILTER=False)),
+        ("dlogits partial tile", loss_bwd._lce_dlogits_kernel, cfg.dz, dict(dlogits, MASK_V=True, FILTER=False)),
+        ("dlogits filtered", loss_bwd._lce_dlogits_kernel, cfg.dz, dict(dlogits, MASK_V=True, FILTER=True)),
+        ("sparse dw", loss_sparse._dw_sparse_kernel, cfg.products, {}),
+        ("sparse dh", loss_sparse._dh_sparse_kernel, cfg.products, {}),
+        ("live lists", loss_sparse._live_lists_kernel, loss_config.KernelConfig(1, 1024, 1, 4, 1), dict(BLOCK=1024)),
     ):
         constexprs = dict(flags, BLOCK_M=k.block_m, BLOCK_V=k.block_v, BLOCK_H=k.block_h, DOT_PRECISION=precision)
         constexprs = {n: v for n, v in constexprs.items() if n in fn.arg_names}
         constexprs, divisible = _strides(fn, constexprs)
+        divisible += tuple(n for n in ("H", "v0", "n_cols") if n in fn.arg_names)
         cases.append(Case(f"loss {label} {dtype} ({k.block_m}x{k.block_v}x{k.block_h}, w{k.num_warps})",
-                          fn, pointers, constexprs, divisible + ("H", "v0"), k.num_warps, k.num_stages))
+                          fn, pointers, constexprs, divisible, k.num_warps, k.num_stages,
+                          kernel=f"loss {label}", dtype=dtype, block_m=k.block_m, block_n=k.block_v,
+                          gemm=fn is not loss_sparse._live_lists_kernel))
     return cases
 
 
-def all_cases(dtype: str) -> list[Case]:
-    return attention_cases(dtype) + loss_cases(dtype)
+def all_cases(dtype: str, arch: str = "sm_90a") -> list[Case]:
+    """The cases whose configs a GPU of ``arch`` runs (the attention table depends on it)."""
+    return attention_cases(dtype, arch) + loss_cases(dtype)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="one JSON object per (case, arch) instead of the table")
+    p.add_argument("--case", default=None, help="compile only the case of this name")
+    p.add_argument("--arch", default=",".join(ARCHS), help=f"comma-separated, of {', '.join(ARCHS)}")
+    p.add_argument("--dtype", default="bf16,fp32", help="comma-separated, of bf16, fp16, fp32")
+    args = p.parse_args(argv)
+    archs = [a for a in args.arch.split(",") if a]
+    dtypes = [d for d in args.dtype.split(",") if d]
+    for name, values, known in (("--arch", archs, ARCHS), ("--dtype", dtypes, _TRITON_TYPES)):
+        bad = [v for v in values if v not in known]
+        if bad or not values:
+            p.error(f"{name}: expected a comma-separated list of {', '.join(known)}, got {bad or values}")
+    if os.environ.get("TRITON_INTERPRET"):
+        p.error("unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+    jobs = [(c, arch) for arch in archs for dtype in dtypes for c in all_cases(dtype, arch)
+            if args.case in (None, c.name)]
+    if not jobs:
+        p.error(f"--case: no case named {args.case!r} for --arch {args.arch} and --dtype {args.dtype}")
+    for case, arch in jobs:
+        report = compile_case(case, arch)
+        print(json.dumps(asdict(report)) if args.json else report.row(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET"):
-        sys.exit("sm90_compile: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
-    if len(sys.argv) == 3 and sys.argv[1] == "--json":
-        (case,) = [c for dtype in ("bf16", "fp16", "fp32") for c in all_cases(dtype) if c.name == sys.argv[2]]
-        print(json.dumps(asdict(compile_case(case))))
-    else:
-        for dtype in ("bf16", "fp32"):
-            for case in all_cases(dtype):
-                print(compile_case(case).row(), flush=True)
+    sys.exit(main())

@@ -49,13 +49,15 @@ def test_dkdv_group_split(splits):
 
 
 def test_dkdv_split_fills_the_gpu(monkeypatch):
-    """Unpinned, the split is the smallest divisor of the group that gives every SM a program."""
+    """Unpinned, the split is the smallest divisor of the group that gives every SM
+    ``DKDV_MIN_WAVES`` (3) programs, so that heaviest-first can even out uneven key tiles."""
     monkeypatch.setattr(attn_config, "_sm_count", lambda index: 132)
     cfg, gpu = SMALL_TILES, torch.device("cuda", 0)
-    assert attn_config.dkdv_splits(cfg, 6, 16, gpu) == 6  # 1k tokens, B 1, 2 K/V heads: 96 < 132
-    assert attn_config.dkdv_splits(cfg, 6, 32, gpu) == 6
-    assert attn_config.dkdv_splits(cfg, 6, 64, gpu) == 3  # 192 >= 132
-    assert attn_config.dkdv_splits(cfg, 6, 256, gpu) == 1  # 16k tokens: enough already
+    assert attn_config.dkdv_splits(cfg, 6, 16, gpu) == 6  # 1k tokens, B 1, 2 K/V heads: 96 < 396
+    assert attn_config.dkdv_splits(cfg, 6, 64, gpu) == 6  # 384 < 396: the whole group
+    assert attn_config.dkdv_splits(cfg, 6, 132, gpu) == 3  # 396 >= 396
+    assert attn_config.dkdv_splits(cfg, 6, 256, gpu) == 2  # 16k tokens: 512
+    assert attn_config.dkdv_splits(cfg, 6, 512, gpu) == 1  # 32k tokens: enough already
     assert attn_config.dkdv_splits(cfg, 1, 4, gpu) == 1  # no group, nothing to split
     assert attn_config.dkdv_splits(cfg, 6, 4, torch.device("cpu")) == 1
 
@@ -141,7 +143,11 @@ def test_backward_is_deterministic():
 
 
 def test_reference_in_chunks_matches_one_chunk(monkeypatch):
-    """The CPU path's query chunking and key-hull slicing do not change the result."""
+    """reference.py's query chunking and key-hull slicing do not change the result (pinned: CPU
+    tensors otherwise go to cpu.py; its plans are tested in test_attention_cpu.py)."""
+    from cocoa_kernels.attention import op
+
+    monkeypatch.setattr(op, "_torch_impl", lambda q: reference)
     mask = make_mask("eos_bridge", 2, 90, seed=13)
     q, k, v, do = make_qkv(2, 2, 1, 90, 64, torch.float64, "cpu", seed=13)
     whole = run_with_grads(lambda a, b, c: attention(a, b, c, mask, impl="torch"), q, k, v, do)

@@ -51,11 +51,14 @@ def _round_mantissa(t: torch.Tensor, bits: int) -> torch.Tensor:
 def test_the_race_signature_reproduced(monkeypatch):
     """The flake, made deterministic: if the first exp of the PyTorch attention path returns its
     second thread's chunk at ~12 good mantissa bits (what the racing first VML call does), the
-    fp32 case that flaked fails the same way (error ~1e-4 against PyTorch's own 7.9e-7); with exact
+    fp32 case that flaked fails the same way (error ~1e-4 against PyTorch's own ~7e-7); with exact
     exps it passes. So the tolerance sees the race, and nothing else is needed to explain it."""
     from test_attention import test_mask_families_gqa
-    from cocoa_kernels.attention import reference
+    from cocoa_kernels.attention import op, reference
 
+    # The flake hit reference.py's torch.exp; CPU tensors now go to cpu.py (PyTorch's fused flash
+    # kernel, which does not call VML), so pin the path that calls exp.
+    monkeypatch.setattr(op, "_torch_impl", lambda q: reference)
     test_mask_families_gqa("torch", "causal_packed", torch.float32)  # exact exps: passes
     real_torch, calls = reference.torch, []
 
@@ -73,5 +76,5 @@ def test_the_race_signature_reproduced(monkeypatch):
             return out
 
     monkeypatch.setattr(reference, "torch", FirstExpRaced())
-    with pytest.raises(AssertionError, match=r"torch out: error [0-9.]+e-05 .* PyTorch's 7\.9\d\de-07"):
+    with pytest.raises(AssertionError, match=r"torch out: error [0-9.]+e-05 .* PyTorch's [0-9.]+e-07"):
         test_mask_families_gqa("torch", "causal_packed", torch.float32)

@@ -1,10 +1,14 @@
-"""Every 16-bit kernel configuration we ship, compiled for Hopper (sm_90a) here, without a GPU:
-no register spills, shared memory within the SM's, tensor-core (wgmma) dots and asynchronous
-copies. The fp32 configs are the checking path and do spill; ``python tests/sm90_compile.py``
-prints them too. Each case compiles in a child process without ``TRITON_INTERPRET``."""
+"""Every 16-bit kernel configuration we ship, compiled here without a GPU for Ampere (sm_80), Ada
+(sm_89) and Hopper (sm_90a): no register spills, shared memory within the arch's per-block
+limit, tensor-core dots fed by asynchronous copies (kernels with a matrix product), and for the
+attention forward and dQ a SASS count of the key loop. fp16 shares bf16's configs; the fp32
+configs are the checking path and do spill (``python tests/sm90_compile.py`` prints them too).
+Each case name compiles, for every arch that runs it, in one child process without
+``TRITON_INTERPRET``."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -13,22 +17,72 @@ from pathlib import Path
 
 import pytest
 
-from sm90_compile import PTXAS, SHARED_LIMIT, all_cases
+from sm90_compile import ARCHS, NVDISASM, PTXAS, all_cases, loop_instructions_per_key, sass_loops
 
-CASES = [c.name for c in all_cases("bf16")]
+# The attention table depends on the arch (Hopper's tiles spill on mma.sync), so each arch has
+# its own cases; a case of the same name on several archs compiles once for all of them.
+CASES = [(c, arch) for arch in ARCHS for c in all_cases("bf16", arch)]
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
 
 
-@pytest.mark.skipif(not PTXAS.exists(), reason="the triton wheel has no ptxas for this platform")
-@pytest.mark.parametrize("name", CASES, ids=[n.split(" (")[0].replace(" ", "-") for n in CASES])
-def test_compiles_for_sm90_without_spills(name):
+@functools.lru_cache(maxsize=None)
+def _reports(name: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--json", name], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--json", "--dtype", "bf16", "--case", name], env=env,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    row = f"{name}: {report}"
+    reports = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    return {r["arch"]: r for r in reports}
+
+
+def _id(case, arch) -> str:
+    return f"{case.name.split(' (')[0].replace(' ', '-')}-{arch}"
+
+
+@pytest.mark.skipif(not (PTXAS.exists() and NVDISASM.exists()), reason="the triton wheel has no ptxas/nvdisasm here")
+@pytest.mark.parametrize("case, arch", CASES, ids=[_id(c, a) for c, a in CASES])
+def test_shipped_config_compiles_without_spills(case, arch):
+    report = _reports(case.name)[arch]
+    row = f"{case.name} on {arch}: {report}"
     assert report["spill_bytes"] == 0, row
-    assert report["shared_bytes"] <= SHARED_LIMIT, row
-    assert report["wgmma"] > 0, f"no tensor-core dot: {row}"
-    assert report["cp_async"] > 0, f"no asynchronous copies: {row}"
+    assert report["shared_bytes"] <= ARCHS[arch][1], row
+    if case.gemm:
+        assert report["mma"] > 0, f"no tensor-core dot: {row}"
+        assert report["cp_async"] > 0, f"no asynchronous copies: {row}"
+    if case.key_loop:
+        # A full-tile key costs at least its share of the loop's tensor-core instructions.
+        assert 0 < report["loop_instructions_per_key"] < 100, row
+    else:
+        assert report["loop_instructions_per_key"] is None, row
+
+
+def _sass(*loop_bodies: list[str]) -> str:
+    """nvdisasm-style text: a prologue, one loop per body (closed by a branch back), EXIT, and
+    the self-branch trap that follows EXIT."""
+    lines, addr = ["        /*0000*/                   MOV R1, c[0x0][0x28] ;"], 0
+    for i, body in enumerate(loop_bodies):
+        lines.append(f".L_x_{i}:")
+        for ins in body + [f"@P0 BRA `(.L_x_{i})"]:
+            addr += 16
+            lines.append(f"        /*{addr:04x}*/                   {ins} ;")
+    lines += ["        /*0ff0*/                   EXIT ;", ".L_x_99:",
+              "        /*1000*/                   BRA `(.L_x_99);"]
+    return "\n".join(lines)
+
+
+MASKED = ["FMUL R5, R5, R6", "HMMA.16816.F32.BF16 R4, R8, R12, R4", "ISETP.GE.AND P2, PT, R2, R3, PT",
+          "FSEL R4, R4, -INF , P2"]
+FULL = ["HMMA.16816.F32.BF16 R4, R8, R12, R4", "NOP", "IADD3 R2, R2, 0x40, RZ"]
+
+
+def test_sass_loop_parser_takes_the_middle_loop():
+    """Three loops (masked, full, masked) and the trap after EXIT, which is not a loop."""
+    sass = _sass(MASKED, FULL, MASKED)
+    assert [len(body) for body in sass_loops(sass)] == [5, 4, 5]
+    assert loop_instructions_per_key(sass, block_n=2) == 3 / 2  # branch counted, NOP not
+    with pytest.raises(RuntimeError, match="not the unmasked loop"):  # the middle loop must be the cheapest
+        loop_instructions_per_key(_sass(FULL, MASKED, MASKED), block_n=2)
+    with pytest.raises(RuntimeError, match="expected the 3 key loops"):
+        loop_instructions_per_key(_sass(MASKED, FULL), block_n=2)
+    # A loop without tensor-core instructions (index arithmetic) is not a key loop.
+    assert loop_instructions_per_key(_sass(MASKED, ["IADD3 R2, R2, 0x40, RZ"], FULL, MASKED), block_n=2) == 3 / 2

@@ -2,17 +2,25 @@
 
 ``cocoa::attention_fwd`` returns ``(out, lse)``; ``cocoa::attention_bwd`` returns
 ``(dq, dk, dv)`` from the saved tensors. ``lse`` is the forward's per-row log-sum-exp in the units
-the same implementation's backward expects (log2 for Triton, natural log for PyTorch); it never
-leaves this module. Both dispatch on ``impl`` ("triton" or "torch") to the
-launchers or to the PyTorch implementation, so ``torch.compile`` traces a model through the
-attention without graph breaks whichever implementation runs underneath.
+the same implementation's backward expects (log2 for Triton, natural log for PyTorch; float32,
+float64 for float64 inputs on the PyTorch path); it never leaves this module. Both dispatch on
+``impl`` ("triton" or "torch") to the launchers or to the PyTorch implementation, so
+``torch.compile`` traces a model through the attention without graph breaks whichever
+implementation runs underneath. The PyTorch implementation is ``cpu.py`` (PyTorch's fused CPU
+flash kernel) for CPU tensors and ``reference.py`` (its readable specification, plain tensor ops)
+for tensors on any other device; both follow one contract.
 """
 
 import torch
 
 from .._autocast import autocast_off
-from . import reference
+from . import cpu, reference
 from .config import block_d_for, pick_config
+
+
+def _torch_impl(q: torch.Tensor):
+    """The PyTorch implementation for q's device: the CPU flash kernel only runs on the CPU."""
+    return cpu if q.device.type == "cpu" else reference
 
 
 @torch.library.custom_op("cocoa::attention_fwd", mutates_args=())
@@ -25,14 +33,15 @@ def attention_fwd(
 
             cfg = pick_config(block_d_for(q.shape[-1]), q.element_size(), on_gpu=q.is_cuda)
             return launch(q, k, v, lo, hi, scale, cfg.fwd)
-        return reference.attention_forward(q, k, v, lo, hi, scale)
+        return _torch_impl(q).attention_forward(q, k, v, lo, hi, scale)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, lo, hi, scale, impl):
     B, Hq, N, D = q.shape
     out = q.new_empty(B, N, Hq, D).transpose(1, 2)
-    return out, q.new_empty(B, Hq, N, dtype=torch.float32)
+    lse_dtype = reference.lse_dtype(q.dtype) if impl == "torch" else torch.float32
+    return out, q.new_empty(B, Hq, N, dtype=lse_dtype)
 
 
 @torch.library.custom_op("cocoa::attention_bwd", mutates_args=())
@@ -46,9 +55,16 @@ def attention_bwd(
 
             cfg = pick_config(block_d_for(q.shape[-1]), q.element_size(), on_gpu=q.is_cuda)
             return launch(do, q, k, v, out, lse, lo, hi, scale, cfg)
-        dq, dk, dv = reference.attention_backward(do, q, k, v, out, lse, lo, hi, scale)
+        dq, dk, dv = _torch_impl(q).attention_backward(do, q, k, v, out, lse, lo, hi, scale)
     # Same layouts as the Triton path (and the fake kernel): gradients strided like inputs.
-    return torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv)
+    return _strided_like(dq, q), _strided_like(dk, k), _strided_like(dv, v)
+
+
+def _strided_like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad`` with ``x``'s strides (``grad`` itself when it has them already: it is fresh)."""
+    if grad.stride() == x.stride():
+        return grad
+    return torch.empty_like(x).copy_(grad)
 
 
 @attention_bwd.register_fake

@@ -26,6 +26,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs keep a float64 log-sum-exp, so that the backward stays exact to float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _chunks(lo: torch.Tensor, hi: torch.Tensor, B: int, Hq: int):
     """Yield (row slice, key slice) pairs covering every visible (query, key) pair."""
     N = lo.shape[1]
@@ -55,14 +60,15 @@ def _scores(q, k, lo, hi, rows: slice, keys: slice, scale: float, dtype):
 
 
 def attention_forward(q, k, v, lo, hi, scale: float):
-    """Returns ``out`` (B, Hq, N, D) in q's dtype and ``lse`` (B, Hq, N) float32 (natural log).
+    """Returns ``out`` (B, Hq, N, D) in q's dtype and ``lse`` (B, Hq, N), natural log, float32
+    (float64 for float64 inputs, see ``lse_dtype``).
 
     Rows that see no key get ``out = 0`` and ``lse = +inf``.
     """
     B, Hq, N, D = q.shape
     dtype = _compute_dtype(q.dtype)
     out = torch.zeros(B, N, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.full((B, Hq, N), math.inf, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hq, N), math.inf, dtype=lse_dtype(q.dtype), device=q.device)
     for rows, keys in _chunks(lo, hi, B, Hq):
         s, vis = _scores(q, k, lo, hi, rows, keys, scale, dtype)
         active = vis.any(-1)[:, None, None, :, None]  # (B, 1, 1, R, 1)
@@ -74,7 +80,7 @@ def attention_forward(q, k, v, lo, hi, scale: float):
         o = torch.where(active, o, torch.zeros_like(o))
         out[:, :, rows] = o.reshape(B, Hq, -1, D).to(q.dtype)
         chunk_lse = torch.where(active, m + torch.log(l_safe), torch.full_like(m, math.inf))
-        lse[:, :, rows] = chunk_lse.reshape(B, Hq, -1).to(torch.float32)
+        lse[:, :, rows] = chunk_lse.reshape(B, Hq, -1).to(lse.dtype)
     return out, lse
 
 

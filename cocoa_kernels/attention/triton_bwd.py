@@ -9,8 +9,11 @@ Two kernels, no atomics, so gradients are bitwise deterministic run to run:
    (query tile that sees the key tile, query head of its group) (bounds from
    ``mask.key_tile_bounds``), accumulating dK and dV in registers: grouped-query attention never
    materialises repeated K/V, and no two programs write the same dK/dV element. When that grid
-   is too small to fill the GPU (short rows, few K/V heads), the group's query heads are split
+   is too small to balance on the GPU (short rows, few K/V heads), the group's query heads are split
    over ``splits`` programs, each writing an fp32 partial that the launcher sums in a fixed order.
+
+Every kernel takes its tiles heaviest first (``triton_common.TileSchedule``): program ``p`` runs
+tile ``order[p]``, sorted on the device by the tile's loop iterations.
 
 Probabilities are recomputed from the forward's log-sum-exp (log2 units); rows that saw nothing have
 ``lse = +inf``, so their probabilities, and every gradient through them, are exactly zero.
@@ -24,7 +27,9 @@ import triton.language as tl
 
 from ..mask import key_tile_bounds, query_tile_bounds
 from .config import AttentionConfig, block_d_for, dkdv_splits
-from .triton_common import LOG2E, dot_precision, load_bounds, load_tile, score_tile
+from .triton_common import (
+    LOG2E, TileSchedule, dot_precision, load_bounds, load_tile, scheduled_tile, score_tile, tile_schedule,
+)
 
 
 @triton.jit
@@ -52,7 +57,7 @@ def _dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, Lse, Delta, Lo, Hi, Bounds,
+    Q, K, V, O, DO, DQ, Lse, Delta, Lo, Hi, Bounds, Order,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -65,9 +70,9 @@ def _attn_bwd_dq_kernel(
 ):
     """Q, O, DO, DQ: (B, H_Q, N, D); K, V: (B, H_Q // GROUP, N, D); any strides.
     Lse (read, log2 units) and Delta (written): (B, H_Q, N) float32. Lo, Hi: (B, N) int32, causal folded.
-    Bounds: (B, cdiv(N, BLOCK_M), 4) int32 key loop bounds from ``mask.query_tile_bounds``."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    Bounds: (B, cdiv(N, BLOCK_M), 4) int32 key loop bounds from ``mask.query_tile_bounds``.
+    Order: (B * H_Q * cdiv(N, BLOCK_M),) int32, the tile ``(b * H_Q + h) * tiles + m`` of each program."""
+    pid_m, pid_bh = scheduled_tile(Order, tl.cdiv(N, BLOCK_M))
     b = (pid_bh // H_Q).to(tl.int64)
     h = (pid_bh % H_Q).to(tl.int64)
     h_kv = h // GROUP
@@ -151,7 +156,7 @@ def _dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse, Delta, Lo, Hi, Bounds,
+    Q, K, V, DO, DK, DV, Lse, Delta, Lo, Hi, Bounds, Order,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -164,11 +169,11 @@ def _attn_bwd_dkdv_kernel(
 ):
     """K, V: (B, H_Q // GROUP, N, D); Q, DO: (B, H_Q, N, D); any strides.
     DK, DV: (SPLITS, B, H_Q // GROUP, N, D): with SPLITS = 1 the gradients themselves (split
-    stride unused), else fp32 partials; program (j, (b * H_kv + h) * SPLITS + s) takes query
+    stride unused), else fp32 partials; tile (j, (b * H_kv + h) * SPLITS + s) takes query
     heads [s * GROUP / SPLITS, (s + 1) * GROUP / SPLITS) of K/V head h and writes split s.
-    Bounds: (B, NUM_KEY_TILES, 4) int32 query-row bounds [begin, full_begin, full_end, end)."""
-    pid_n = tl.program_id(0)
-    pid_bhs = tl.program_id(1)
+    Bounds: (B, NUM_KEY_TILES, 4) int32 query-row bounds [begin, full_begin, full_end, end).
+    Order: (B * H_kv * SPLITS * NUM_KEY_TILES,) int32, each program's tile ``pid_bhs * NUM_KEY_TILES + j``."""
+    pid_n, pid_bhs = scheduled_tile(Order, NUM_KEY_TILES)
     h_kv_count = H_Q // GROUP
     heads = GROUP // SPLITS
     split = (pid_bhs % SPLITS).to(tl.int64)
@@ -214,6 +219,22 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
+def dq_schedule(lo, hi, heads_q: int, cfg: AttentionConfig) -> TileSchedule:
+    """One program per (batch, query head, query tile), walking the tile's key loop."""
+    k = cfg.dq
+    return tile_schedule(query_tile_bounds(lo, hi, k.block_m, k.block_n), k.block_n, heads_q)
+
+
+def dkdv_schedule(lo, hi, heads_q: int, heads_kv: int, cfg: AttentionConfig, device, sms=None):
+    """One program per (batch, K/V head, split, key tile), each looping over its query tiles
+    for ``group / splits`` query heads. Returns the schedule and ``splits``."""
+    k = cfg.dkdv
+    bounds = key_tile_bounds(lo, hi, k.block_m, k.block_n)
+    group = heads_q // heads_kv
+    splits = dkdv_splits(cfg, group, bounds.shape[1] * bounds.shape[0] * heads_kv, device, sms=sms)
+    return tile_schedule(bounds, k.block_m, heads_kv * splits, group // splits), splits
+
+
 def attention_bwd(do, q, k, v, out, lse, lo, hi, scale: float, cfg: AttentionConfig):
     """Launch the backward; returns (dq, dk, dv) shaped and strided like (q, k, v)."""
     dq_cfg, dkdv_cfg = cfg.dq, cfg.dkdv
@@ -226,29 +247,26 @@ def attention_bwd(do, q, k, v, out, lse, lo, hi, scale: float, cfg: AttentionCon
     block_d = block_d_for(D)
     common = dict(BLOCK_D=block_d, EVEN_D=(block_d == D), DOT_PRECISION=dot_precision(q.dtype))
 
-    bounds = query_tile_bounds(lo, hi, dq_cfg.block_m, dq_cfg.block_n)
-    grid = (triton.cdiv(N, dq_cfg.block_m), B * Hq)
-    _attn_bwd_dq_kernel[grid](
-        q, k, v, out, do, dq, lse, delta, lo, hi, bounds,
+    sched = dq_schedule(lo, hi, Hq, cfg)
+    _attn_bwd_dq_kernel[(sched.programs,)](
+        q, k, v, out, do, dq, lse, delta, lo, hi, sched.bounds, sched.order,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
         N, Hq, Hq // Hkv, D, scale, scale * LOG2E,
         BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, **common,
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
     )
 
-    bounds = key_tile_bounds(lo, hi, dkdv_cfg.block_m, dkdv_cfg.block_n)
-    num_key_tiles = bounds.shape[1]
+    sched, splits = dkdv_schedule(lo, hi, Hq, Hkv, cfg, q.device)
     group = Hq // Hkv
-    splits = dkdv_splits(cfg, group, num_key_tiles * B * Hkv, q.device)
     if splits == 1:
         dk_out, dv_out = dk.unsqueeze(0), dv.unsqueeze(0)  # split stride never used
     else:
         dk_out = torch.empty(splits, B, Hkv, N, D, dtype=torch.float32, device=q.device)
         dv_out = torch.empty_like(dk_out)
-    _attn_bwd_dkdv_kernel[(num_key_tiles, B * Hkv * splits)](
-        q, k, v, do, dk_out, dv_out, lse, delta, lo, hi, bounds,
+    _attn_bwd_dkdv_kernel[(sched.programs,)](
+        q, k, v, do, dk_out, dv_out, lse, delta, lo, hi, sched.bounds, sched.order,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_out.stride(), *dv_out.stride(),
-        N, Hq, group, splits, D, num_key_tiles, scale, scale * LOG2E,
+        N, Hq, group, splits, D, sched.num_tiles, scale, scale * LOG2E,
         BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, **common,
         num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages,
     )

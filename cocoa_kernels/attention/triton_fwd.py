@@ -6,6 +6,10 @@ whole ``[max lo, min hi)``. It walks the hull in three loops: masked edge tiles,
 masked edge tiles (the split of Triton's fused-attention tutorial, driven by data instead of
 the causal diagonal). Key tiles outside the hull are never touched.
 
+Programs take their tiles heaviest first (``triton_common.TileSchedule``): program ``p`` runs the
+tile ``order[p]``, sorted on the device by its key-loop length, so the longest tiles start in the
+first wave instead of (causal) the last.
+
 Rows with an empty interval ("inactive") still flow through the unmasked loop but are written
 as zeros with ``lse = +inf``, so the backward's recomputed probabilities are exactly 0 for them.
 """
@@ -18,7 +22,9 @@ import triton.language as tl
 
 from ..mask import query_tile_bounds
 from .config import KernelConfig, block_d_for
-from .triton_common import LOG2E, dot_precision, load_bounds, load_tile, score_tile
+from .triton_common import (
+    LOG2E, TileSchedule, dot_precision, load_bounds, load_tile, scheduled_tile, score_tile, tile_schedule,
+)
 
 
 @triton.jit
@@ -47,7 +53,7 @@ def _fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, Lo, Hi, Bounds,
+    Q, K, V, Out, Lse, Lo, Hi, Bounds, Order,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -59,9 +65,9 @@ def _attn_fwd_kernel(
     """Q, Out: (B, H_Q, N, D); K, V: (B, H_Q // GROUP, N, D), any strides.
     Lse: (B, H_Q, N) float32, base-2 log-sum-exp of the scaled scores, +inf for rows that see nothing.
     Lo, Hi: (B, N) int32 contiguous, causal limit already folded into Hi.
-    Bounds: (B, cdiv(N, BLOCK_M), 4) int32 key loop bounds from ``mask.query_tile_bounds``."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    Bounds: (B, cdiv(N, BLOCK_M), 4) int32 key loop bounds from ``mask.query_tile_bounds``.
+    Order: (B * H_Q * cdiv(N, BLOCK_M),) int32, the tile ``(b * H_Q + h) * tiles + m`` of each program."""
+    pid_m, pid_bh = scheduled_tile(Order, tl.cdiv(N, BLOCK_M))
     b = (pid_bh // H_Q).to(tl.int64)
     h = (pid_bh % H_Q).to(tl.int64)
     h_kv = h // GROUP
@@ -104,6 +110,11 @@ def _attn_fwd_kernel(
     tl.store(Lse + (b * H_Q + h) * N + offs_m, lse, mask=row_ok)
 
 
+def fwd_schedule(lo, hi, heads_q: int, cfg: KernelConfig) -> TileSchedule:
+    """One program per (batch, query head, query tile), walking the tile's key loop."""
+    return tile_schedule(query_tile_bounds(lo, hi, cfg.block_m, cfg.block_n), cfg.block_n, heads_q)
+
+
 def attention_fwd(q, k, v, lo, hi, scale: float, cfg: KernelConfig):
     """Launch the forward. q (B, Hq, N, D), k/v (B, Hkv, N, D); lo/hi int32 (B, N) contiguous.
 
@@ -116,10 +127,9 @@ def attention_fwd(q, k, v, lo, hi, scale: float, cfg: KernelConfig):
     out = torch.empty(B, N, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
     block_d = block_d_for(D)
-    bounds = query_tile_bounds(lo, hi, cfg.block_m, cfg.block_n)
-    grid = (triton.cdiv(N, cfg.block_m), B * Hq)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, lo, hi, bounds,
+    sched = fwd_schedule(lo, hi, Hq, cfg)
+    _attn_fwd_kernel[(sched.programs,)](
+        q, k, v, out, lse, lo, hi, sched.bounds, sched.order,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         N, Hq, Hq // Hkv, D, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
