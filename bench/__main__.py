@@ -4,6 +4,7 @@
     python -m bench --only attention,loss    # some sections
     python -m bench --budget-s 240           # skip (and record as skipped) what does not fit
     python -m bench --smoke --out /tmp/b     # tiny sizes on the CPU (Triton interpreter)
+    python -m bench --cpu                    # the PyTorch attention path vs SDPA on this CPU
 
 See bench/README.md for what is measured and how.
 """
@@ -22,9 +23,11 @@ def _csv(text: str) -> tuple[str, ...]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU with perf_counter timing (checks the harness)")
+    p.add_argument("--cpu", action="store_true", help="the CPU section: our PyTorch attention path vs dense-mask SDPA "
+                   "at the demo's shapes, 1 and 2 threads (with --smoke: tiny sizes)")
     p.add_argument("--out", default=None, help="output folder (default: bench/results, or runs/bench-smoke with --smoke)")
     p.add_argument("--name", default=None, help="results file name (default: <date>-<gpu>.json)")
-    p.add_argument("--only", type=_csv, default=None, help="comma-separated sections: attention,loss,sweep,e2e")
+    p.add_argument("--only", type=_csv, default=None, help="comma-separated sections: attention,loss,sweep,e2e (--cpu: cpu)")
     p.add_argument("--attention-impls", type=_csv, default=None, help="cocoa,flex_attention,sdpa,flash_attn")
     p.add_argument("--loss-impls", type=_csv, default=None, help="cocoa,torch_compact,torch_full,liger,cut_cross_entropy,cut_cross_entropy_exact")
     p.add_argument("--e2e-impls", type=_csv, default=None, help="cocoa_triton,sdpa,flex_attention,cocoa_triton+lce")
@@ -43,10 +46,10 @@ def main(argv=None) -> int:
     from .budget import Budget
     from .environment import device_info, today, versions
     from .render import markdown
-    from .runner import SECTIONS, RunOptions, default_policies, run
+    from .runner import CPU_SECTIONS, SECTIONS, RunOptions, default_policies, run
     from .schema import ResultsFile, results_name, validate
 
-    if args.smoke:
+    if args.smoke or args.cpu:
         device = torch.device("cpu")
     elif torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -62,8 +65,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"python -m bench: unknown {what} {unknown}; known: {list(known)}")
         return chosen
 
-    sections = pick(args.only, SECTIONS, "section")
-    policy, e2e_policy = default_policies(args.smoke)
+    sections = pick(args.only, CPU_SECTIONS if args.cpu else SECTIONS, "section")
+    policy, e2e_policy = default_policies(args.smoke, cpu=args.cpu)
     layers = args.e2e_layers if args.e2e_layers is not None else (None if args.smoke else 28)
     opts = RunOptions(
         device=device, smoke=args.smoke, sections=sections,
@@ -83,8 +86,10 @@ def main(argv=None) -> int:
         "device_info": info,
         "versions": versions(),
         "config": {
-            "smoke": args.smoke, "sections": list(sections), "budget_s": args.budget_s,
-            "timing": "CUDA events, median" if device.type == "cuda" else "time.perf_counter, median (smoke: 1 run)",
+            "smoke": args.smoke, "cpu": args.cpu, "sections": list(sections), "budget_s": args.budget_s,
+            "timing": "CUDA events, median" if device.type == "cuda" else (
+                "time.perf_counter, median of calls made in turns with the peer (smoke: 1 run); process CPU time "
+                "in fwd_cpu_ms/fwdbwd_cpu_ms" if args.cpu else "time.perf_counter, median (smoke: 1 run)"),
             "policy": vars(policy) if hasattr(policy, "__dict__") else str(policy),
             "flops": "attention: 4*D per visible (query, key) pair and query head forward, 2.5x that backward; "
                      "loss: 2*T_counted*V*H forward, 2x that backward; backward time = fwd+bwd - fwd",

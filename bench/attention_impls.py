@@ -55,16 +55,27 @@ class Cocoa:
     def prepare(self, w: AttnWorkload, mask: KeyRanges, shape: AttnShape, device) -> Prepared:
         from cocoa_kernels import attention
 
-        impl = "triton" if device.type == "cuda" or _interpreting() else "torch"
+        impl = getattr(w, "ours_impl", None) or ("triton" if device.type == "cuda" or _interpreting() else "torch")
 
         def call(x: AttnInputs):
             q, k, v = _heads_first(x)
             return attention(q, k, v, mask, impl=impl).transpose(1, 2)
 
         detail = f"cocoa_kernels.attention(impl={impl!r}) on (B, H, N, D) views of token-major tensors"
-        if device.type != "cuda":
-            detail += " (Triton interpreter)" if impl == "triton" else " (PyTorch path: TRITON_INTERPRET is not set)"
-        return Prepared(call, info={"mask_mb": _tensor_bytes(mask.lo, mask.hi) / 2**20, "detail": detail})
+        info = {"mask_mb": _tensor_bytes(mask.lo, mask.hi) / 2**20}
+        if device.type != "cuda" and impl == "torch":
+            # The CPU path plans its kernel calls once per mask (reused by the backward and by
+            # every later call with the same mask, e.g. every layer of a model): that is its
+            # mask preparation, timed here like SDPA's dense mask.
+            from cocoa_kernels.attention import cpu
+
+            lo, hi = mask.lo, mask.effective_hi()
+            info["mask_build_ms"], _ = host_ms(lambda: cpu.plan(lo, hi, shape.heads_q, shape.head_dim), device)
+            detail += " (PyTorch path: the CPU flash kernel on runs and masked chunks; its plan is the mask build)"
+        elif device.type != "cuda":
+            detail += " (Triton interpreter)"
+        info["detail"] = detail
+        return Prepared(call, info=info)
 
 
 _COMPILED_FLEX = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import re
 
@@ -58,7 +59,7 @@ def versions() -> dict:
 def device_info(device: torch.device) -> dict:
     if device.type != "cuda":
         return {"name": "cpu", "slug": "cpu", "processor": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads()}
+                "model": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
     props = torch.cuda.get_device_properties(device)
     name = torch.cuda.get_device_name(device)
     return {
@@ -69,6 +70,18 @@ def device_info(device: torch.device) -> dict:
         "memory_gb": round(props.total_memory / 2**30, 1),
         "l2_mb": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
     }
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), or None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def l2_bytes(device: torch.device) -> int:

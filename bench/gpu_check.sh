@@ -9,8 +9,9 @@
 #      results JSON is rewritten after every row, so even a hard stop leaves valid data;
 #   4. renders the Markdown table and the PNG plot beside the JSON.
 #
-# Output folder: $1, else $OUT, else runs/gpu-check. Files (6, flat): tests.log,
-# tests-outcome.txt, bench.log, <date>-<gpu>.json, <date>-<gpu>.md, <date>-<gpu>.png.
+# Output folder: $1, else $OUT, else runs/gpu-check. Files (flat): tests.log,
+# tests-outcome.txt, bench.log, <date>-<gpu>.json, <date>-<gpu>.md, <date>-<gpu>.png, and
+# embed-2b-<date>-<gpu>.json/.md (step 5, embedding throughput, when time is left).
 #
 # Time (defaults; 8 minutes = 480 s on an H200): wheels ~10 s; tests at most GPU_CHECK_TEST_S
 # (170 s, then killed); benchmarks get what is left of GPU_CHECK_TOTAL_S (450 s) minus 30 s for
@@ -110,6 +111,17 @@ if [[ -n "$json" ]]; then
   [[ -f "$md" ]] && cat "$md"
 else
   say "no results JSON was written"
+fi
+
+# 5. embedding throughput (after the render, which takes the newest JSON): packed vs padded rows,
+#    a 2B-shaped model; writes embed-2b-<date>-<gpu>.json/.md. Skipped when no time is left.
+left=$(( TOTAL_S + 30 - $(elapsed) ))
+if (( left >= 40 )); then
+  say "embedding throughput (limit ${left} s)"
+  timeout -k 5 "$left" "$PY" -m bench.embed_throughput --model 2b --device cuda --repeats 2 --out "$OUT_DIR" \
+    2>&1 | tail -n 8 | tee -a "$OUT_DIR/bench.log"
+else
+  say "embedding throughput skipped: ${left} s left"
 fi
 
 say "done: tests $outcome; benchmarks exit $bench_rc; render exit $render_rc; files in $OUT_DIR"

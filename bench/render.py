@@ -44,11 +44,12 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def ours_row(rows: list[dict], op: str, workload: str) -> dict | None:
-    for row in rows:
-        if row["op"] == op and row["workload"] == workload and row.get("ours"):
-            return row
-    return None
+def ours_row(rows: list[dict], op: str, workload: str, held_to: str | None = None) -> dict | None:
+    """Our row a peer is compared with: the one named by the peer's ``held_to`` (the loss: exact
+    peers against our exact row, filtered against filtered), else our first row."""
+    ours = [r for r in rows if r["op"] == op and r["workload"] == workload and r.get("ours")]
+    named = [r for r in ours if held_to is not None and r["impl"] == held_to]
+    return (named or ours or [None])[0]
 
 
 def ratios(row: dict, ours: dict | None) -> tuple[float | None, str, float | None]:
@@ -79,11 +80,13 @@ def _table(rows: list[dict], all_rows: list[dict]) -> list[str]:
         extra.append(("mask build ms", "mask_build_ms"))
     if any(r.get("tokens_per_s") is not None for r in rows):
         extra.append(("tokens/s", "tokens_per_s"))
+    if any(r.get("held_to") for r in rows):
+        extra.append(("held to", "held_to"))  # which of our rows the ratios compare with
     head = ["workload", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "TFLOP/s fwd", "TFLOP/s bwd"]
     head += [label for label, _ in extra] + ["peer/ours time", "peer/ours mem", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        ours = ours_row(all_rows, row["op"], row["workload"])
+        ours = ours_row(all_rows, row["op"], row["workload"], row.get("held_to"))
         t, basis, m = ratios(row, ours)
         cells = [row["workload"], f"**{row['impl']}**" if row.get("ours") else row["impl"],
                  _fmt(row["fwd_ms"]), _fmt(row["fwdbwd_ms"]), _fmt(row["peak_mem_mb"], 4),
@@ -105,7 +108,7 @@ def _sweep_table(rows: list[dict], all_rows: list[dict]) -> list[str]:
             if row is None or row["fwdbwd_ms"] is None:
                 cells.append("—")
                 continue
-            t, basis, _ = ratios(row, ours_row(all_rows, row["op"], row["workload"]))
+            t, basis, _ = ratios(row, ours_row(all_rows, row["op"], row["workload"], row.get("held_to")))
             cells.append(_fmt(row["fwdbwd_ms"]) + ("" if t is None else f" ({_ratio(t)}{basis})"))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return lines
@@ -125,6 +128,13 @@ def markdown(data: dict, plot_name: str | None = None, plot_note: str | None = N
     out = [f"### Benchmarks on {device} ({data.get('date', 'undated')})", ""]
     out.append(_versions_line(data))
     config = data.get("config", {})
+    info = data.get("device_info") or {}
+    if config.get("cpu") and info.get("cores"):
+        load = config.get("load_average_start")
+        out += ["", f"CPU: {info.get('model') or info.get('processor')}, {info['cores']} cores; rows `_t1`/`_t2` "
+                "ran with 1/2 torch threads"
+                + (f"; load average {load[0]} when the run started (other processes share the cores)" if load else "")
+                + "."]
     if config.get("smoke"):
         out.append("")
         out.append("**Smoke run (tiny sizes on the CPU): these numbers say nothing about speed.**")
@@ -166,7 +176,7 @@ def plot(data: dict, path: str) -> str | None:
     main = [r for r in rows if r.get("group", "main") != "sweep" and not r.get("ours")]
     groups: dict[str, list[tuple[str, float]]] = {}
     for r in main:
-        t, _, _ = ratios(r, ours_row(rows, r["op"], r["workload"]))
+        t, _, _ = ratios(r, ours_row(rows, r["op"], r["workload"], r.get("held_to")))
         groups.setdefault(f"{r['op']}: {r['workload']}", [])
         if t:
             groups[f"{r['op']}: {r['workload']}"].append((r["impl"], t))
@@ -232,14 +242,35 @@ def render(results_path: str, out_dir: str | None = None, with_plot: bool = True
     return {"markdown": md_path, "plot": None if note else png, "plot_note": note, "problems": validate(data)}
 
 
+def splice(doc_path: str, results_path: str, text: str) -> None:
+    """Replace what lies between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in
+    ``doc_path`` (NAME: the results file's name) with ``text``, so a document quotes a results
+    file without anyone typing a figure."""
+    name = os.path.basename(results_path)
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    with open(doc_path) as f:
+        doc = f.read()
+    if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
+        raise SystemExit(f"python -m bench.render: {doc_path} needs one {begin} ... {end} pair to write into")
+    head, rest = doc.split(begin)
+    tail = rest.split(end)[1]
+    with open(doc_path, "w") as f:
+        f.write(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.render", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help="a results JSON written by python -m bench")
     p.add_argument("--out-dir", default=None, help="where to write <stem>.md and <stem>.png (default: beside the JSON)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--into", default=None, metavar="DOC.md",
+                   help="also write the tables between the <!-- bench:RESULTS.json --> markers of DOC.md")
     args = p.parse_args(argv)
     done = render(args.results, args.out_dir, with_plot=not args.no_plot)
+    if args.into:
+        splice(args.into, args.results, markdown(load(args.results)))
+        print(f"written into: {args.into}")
     print(f"table: {done['markdown']}")
     print(f"plot: {done['plot']}" if done["plot"] else done["plot_note"])
     for problem in done["problems"]:

@@ -16,7 +16,8 @@ from .measure import Prepared, Unavailable, error_note, measure
 from .schema import ResultsFile, add_note, new_row
 from .timing import SMOKE, Policy, free_memory
 
-SECTIONS = ("attention", "loss", "sweep", "e2e")
+SECTIONS = ("attention", "loss", "sweep", "e2e")  # a plain run (GPU) or --smoke
+CPU_SECTIONS = ("cpu",)  # python -m bench --cpu: our PyTorch attention path vs SDPA (bench/cpu_attention.py)
 REL_ERR_WARN = 2e-2  # bf16 outputs of two correct implementations differ by ~1e-3
 
 
@@ -237,11 +238,15 @@ def run(opts: RunOptions, results: ResultsFile, budget: Budget, log=print) -> No
     for section in opts.sections:
         log(f"[bench] {section} (t = {budget.elapsed_s():.0f} s)")
         budget.begin(section)
-        if section not in SECTIONS:
+        if section not in SECTIONS + CPU_SECTIONS:
             raise ValueError(f"unknown section {section!r}")
         try:
             if section in ("attention", "sweep"):
                 run_attention(opts, results, budget, section)
+            elif section == "cpu":
+                from .cpu_attention import run_cpu_attention
+
+                run_cpu_attention(opts, results, budget, section)
             elif section == "loss":
                 run_loss(opts, results, budget)
             else:
@@ -254,7 +259,9 @@ def run(opts: RunOptions, results: ResultsFile, budget: Budget, log=print) -> No
         free_memory(opts.device)  # the section's inputs (and the e2e model) are gone by now
 
 
-def default_policies(smoke: bool) -> tuple[Policy, Policy]:
+def default_policies(smoke: bool, cpu: bool = False) -> tuple[Policy, Policy]:
     if smoke:
         return SMOKE, SMOKE
+    if cpu:  # seconds-long calls on a shared 2-core machine: more runs behind each median
+        return Policy(warmup=2, min_reps=9, max_reps=41, target_ms=6000.0), SMOKE
     return Policy(warmup=3, min_reps=5, max_reps=50, target_ms=300.0), Policy(warmup=2, min_reps=3, max_reps=5, target_ms=2000.0)

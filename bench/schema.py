@@ -39,6 +39,10 @@ EXTRA_KEYS = {
     "visible_pairs": "attention: visible (query, key) pairs per head",
     "reps": "timed repetitions behind each median",
     "detail": "what exactly ran (layout, compile mode, which loss)",
+    "held_to": "loss: which of our rows the ratios compare with (exact peers: cocoa, filtered: cocoa_filtered)",
+    "threads": "CPU rows: torch.set_num_threads while measured",
+    "fwd_cpu_ms": "CPU rows: median process CPU time of the forward (load-independent with one thread)",
+    "fwdbwd_cpu_ms": "CPU rows: median process CPU time of forward + backward",
 }
 
 

@@ -172,6 +172,78 @@ def copies_for(bytes_per_copy: int, l2_bytes: int, lo: int = 2, hi: int = 32) ->
     return max(lo, min(hi, need))
 
 
+# ---------------------------------------------------------------------------- attention on the CPU
+@dataclass(frozen=True)
+class CpuAttnWorkload:
+    """A batch of rows for the PyTorch (CPU) path: ``rows[b]`` holds row b's packed (block A,
+    block B) samples; rows shorter than ``n`` end in padding. The bidirectional kind attends
+    inside each sample (A + B as one segment). ``shape`` is the model's (heads, head dim,
+    batch = len(rows)); ``threads`` the ``torch.set_num_threads`` it is measured with."""
+
+    name: str
+    kind: str  # "bridge" | "bidir"
+    rows: tuple[tuple[tuple[int, int], ...], ...]
+    n: int
+    shape: AttnShape
+    threads: int
+    group: str = "cpu"
+    ours_impl: str = "torch"  # the Cocoa adapter runs the PyTorch path, never the interpreter
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.rows) * self.n
+
+    def mask(self, device) -> KeyRanges:
+        B = len(self.rows)
+        seg = torch.full((B, self.n), -1, dtype=torch.int64)
+        is_target = torch.zeros(B, self.n, dtype=torch.bool)
+        for b, samples in enumerate(self.rows):
+            pos = 0
+            for s, (a, tail) in enumerate(samples):
+                seg[b, pos : pos + a + tail] = s
+                is_target[b, pos + a : pos + a + tail] = True
+                pos += a + tail
+            if pos > self.n:
+                raise ValueError(f"{self.name}: row {b} holds {pos} tokens, more than N = {self.n}")
+        seg, is_target = seg.to(device), is_target.to(device)
+        if self.kind == "bridge":
+            return KeyRanges.eos_bridge(seg, is_target)
+        if self.kind == "bidir":
+            return KeyRanges.from_segments(seg)
+        raise ValueError(f"unknown CPU attention workload kind {self.kind!r}")
+
+
+# The demo's shapes: a Qwen2-VL-2B attention layer (12/2 heads, d128) over 2 rows of 512 tokens
+# (one row packing two samples, one row a single long one), and the tiny demo model (4/2 heads,
+# d8): 32 rows of one sample each, padded to the longest (60), lengths 41-60, a quarter block B.
+CPU_LAYER = AttnShape(heads_q=12, heads_kv=2, head_dim=128, dtype=torch.float32, batch=2)
+CPU_TINY = AttnShape(heads_q=4, heads_kv=2, head_dim=8, dtype=torch.float32, batch=32)
+CPU_THREADS = (1, 2)
+
+
+def _one_sample_rows(batch: int, n: int, spread: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+    rows = []
+    for b in range(batch):
+        length = n - (7 * b) % spread  # deterministic spread of lengths, the longest first
+        rows.append(((length - length // 4, length // 4),))
+    return tuple(rows)
+
+
+def cpu_attention_workloads(smoke: bool = False, threads=CPU_THREADS) -> list[CpuAttnWorkload]:
+    if smoke:
+        layer, tiny = AttnShape(4, 2, 16, torch.float32, 2), AttnShape(2, 1, 8, torch.float32, 4)
+        cases = ((layer, (((12, 4), (12, 4)), ((24, 8),)), 32), (tiny, _one_sample_rows(4, 12, 5), 12))
+    else:
+        layer_rows = (((192, 64), (192, 64)), ((384, 128),))
+        cases = ((CPU_LAYER, layer_rows, 512), (CPU_TINY, _one_sample_rows(32, 60, 20), 60))
+    out = []
+    for t in threads:
+        for kind in ("bridge", "bidir"):
+            for shape, rows, n in cases:
+                out.append(CpuAttnWorkload(f"cpu_{kind}_{len(rows)}x{n}_t{t}", kind, rows, n, shape, t))
+    return out
+
+
 # ---------------------------------------------------------------------------- loss
 @dataclass(frozen=True)
 class LossWorkload:

@@ -1,5 +1,5 @@
-"""Command line: ``cocoa demo``, ``cocoa experiment``, ``cocoa train``, ``cocoa embed``, ``cocoa bench``,
-``cocoa kernels-demo``."""
+"""Command line: ``cocoa demo``, ``cocoa experiment``, ``cocoa train``, ``cocoa embed``, ``cocoa eval``,
+``cocoa data export-eval``, ``cocoa bench``, ``cocoa kernels-demo``."""
 
 from __future__ import annotations
 
@@ -148,21 +148,26 @@ def experiment(args) -> int:
 
 # ``cocoa train`` flags that map one to one onto StageConfig fields (unset flags keep its defaults)
 STAGE_FLAGS = ("precision", "gradient_checkpointing", "grad_accum", "max_grad_norm", "max_pixels", "min_pixels",
-               "max_length", "mask_token", "pack_budget", "save_steps")
-RUN_KEYS = ("model", "data", "out", "init", "report_to", "stages")  # a --config file's top-level keys
+               "max_length", "mask_token", "pack_budget", "save_steps", "on_bad_sample")
+# a --config file's top-level keys
+RUN_KEYS = ("model", "data", "image_dir", "out", "init", "report_to", "stages")
 
 
-def _stage_configs(entries: list, where: str) -> list:
-    """StageConfigs from a config file's ``stages``; an unknown key or a bad value is one message."""
+def _stage_configs(entries: list, where: str) -> tuple[list, dict]:
+    """StageConfigs from a config file's ``stages``, and the stages' own ``data`` (stage number ->
+    data spec, replacing the run's ``data``); an unknown key or a bad value is one message."""
     import dataclasses
 
     from .train import StageConfig
 
-    valid = [f.name for f in dataclasses.fields(StageConfig)]
-    stages = []
+    valid = [f.name for f in dataclasses.fields(StageConfig)] + ["data"]
+    stages, stage_data = [], {}
     for n, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise SystemExit(f"cocoa train: {where}: stages[{n}] must be an object like {{\"stage\": 1, ...}}")
+        if "data" in entry:
+            entry = dict(entry)
+            stage_data[entry.get("stage")] = entry.pop("data")
         unknown = sorted(set(entry) - set(valid))
         if unknown:
             raise SystemExit(f"cocoa train: {where}: stages[{n}] has unknown key(s) {', '.join(map(repr, unknown))}; "
@@ -173,7 +178,7 @@ def _stage_configs(entries: list, where: str) -> list:
             stages.append(StageConfig(**entry))
         except (TypeError, ValueError) as e:
             raise SystemExit(f"cocoa train: {where}: stages[{n}]: {e}") from None
-    return stages
+    return stages, stage_data
 
 
 def train(args) -> int:
@@ -190,9 +195,10 @@ def train(args) -> int:
             problem = (f"unknown key(s) {', '.join(map(repr, unknown))}" if unknown
                        else "it must be an object with a 'stages' list")
             raise SystemExit(f"cocoa train: {args.config}: {problem}; valid keys: {', '.join(RUN_KEYS)}")
-        stages = _stage_configs(spec["stages"], args.config)
+        stages, stage_data = _stage_configs(spec["stages"], args.config)
         model_src, data_src, out = spec.get("model", "tiny"), spec.get("data", "builtin"), spec.get("out", args.out)
         init, report_to = spec.get("init", args.init), spec.get("report_to", args.report_to)
+        image_dir = spec.get("image_dir", args.image_dir)
     else:
         if args.stage is None:
             raise SystemExit("cocoa train: give --stage (0, 1, 2 or 3) or --config FILE")
@@ -203,13 +209,16 @@ def train(args) -> int:
                                   lora=lora, **flags)]
         except (TypeError, ValueError) as e:
             raise SystemExit(f"cocoa train: {e}") from None
-        model_src, data_src, out, init, report_to = args.model, args.data, args.out, args.init, args.report_to
+        model_src, out, init, report_to = args.model, args.out, args.init, args.report_to
+        data_src = args.data[0] if len(args.data) == 1 else args.data  # several: mixed, equal weights
+        stage_data, image_dir = {}, args.image_dir
     if out is None:
         raise SystemExit("cocoa train: give --out DIR (or 'out' in the config)")
     from .train import train_from_sources
 
     try:
-        results = train_from_sources(stages, model_src, data_src, out, init=init, report_to=report_to)
+        results = train_from_sources(stages, model_src, data_src, out, init=init, report_to=report_to,
+                                     stage_data=stage_data, image_dir=image_dir)
     except SettingError as e:  # a bad setting or source, found before training started
         raise SystemExit(f"cocoa train: {e}") from None
     for stage, result in results.items():
@@ -217,16 +226,79 @@ def train(args) -> int:
     return 0
 
 
-def embed(args) -> int:
-    from .data import load_jsonl
+def _check_batch_size(args) -> None:
+    if args.batch_size < 1:
+        raise SystemExit(f"cocoa {args.command}: --batch-size must be >= 1, got {args.batch_size}")
+
+
+def _load_embedder(args):
+    """The Embedder of ``--model`` (a local folder: these commands never download)."""
     from .embed import Embedder
 
-    embedder = Embedder.from_pretrained(args.model)
-    samples = load_jsonl(args.data)
-    items = [{k: v for k, v in (("image", s.image), ("text", s.text)) if v is not None} for s in samples]
-    vectors = embedder.encode(items, instruction=args.instruction, batch_size=args.batch_size, show_progress=True)
-    torch.save(vectors, args.out)
-    print(f"{vectors.shape[0]} embeddings of dim {vectors.shape[1]} -> {args.out}")
+    if not Path(args.model).is_dir():
+        raise SystemExit(f"cocoa {args.command}: --model {args.model}: no such folder "
+                         "(expected a model folder, e.g. a stage's DIR/final/backbone)")
+    return Embedder.from_pretrained(args.model)
+
+
+def embed(args) -> int:
+    from .data.images import BadSampleError
+    from .embed_io import check_out, embed_inputs, read_embed_inputs, write_embeddings
+
+    _check_batch_size(args)
+    try:  # flags and data are checked before the model loads
+        out = check_out(args.out)
+        data = read_embed_inputs(args.data, side=args.side, image_dir=args.image_dir, on_bad_sample=args.on_bad_sample)
+    except (BadSampleError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"cocoa embed: {e}") from None
+    if data.skipped.count:
+        print(f"cocoa embed: {data.skipped.summary()}")
+    if not data.inputs:
+        raise SystemExit(f"cocoa embed: {args.data}: no inputs left to embed")
+    embedder = _load_embedder(args)
+    vectors = embed_inputs(embedder, data.inputs, instruction=args.instruction, batch_size=args.batch_size,
+                           show_progress_bar=True)
+    written = write_embeddings(out, data.ids, vectors)
+    print(f"{vectors.shape[0]} embeddings of dim {vectors.shape[1]} -> {', '.join(map(str, written))}")
+    return 0
+
+
+def eval_(args) -> int:
+    from .data.images import BadSampleError
+    from .evaluate import evaluate_tasks, read_eval_files
+
+    start = time.perf_counter()
+    _check_batch_size(args)
+    try:  # flags and data are checked before the model loads
+        tasks = read_eval_files(args.data, names=args.task_names, image_dir=args.image_dir,
+                                on_bad_sample=args.on_bad_sample)
+    except (BadSampleError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"cocoa eval: {e}") from None
+    result = evaluate_tasks(_load_embedder(args), tasks, batch_size=args.batch_size, show_progress_bar=True,
+                            log=lambda msg: print(f"cocoa eval: {msg}"))
+    result.update(model=args.model, wall_s=round(time.perf_counter() - start, 3))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    for name, metrics in result["tasks"].items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in metrics.items()))
+    if result["mean_hit@1"] is not None:
+        print(f"mean hit@1 {result['mean_hit@1']:.4f}")
+    print(f"results: {out}")
+    return 0
+
+
+def data_export_eval(args) -> int:
+    from .export_eval import export_eval
+
+    try:
+        written = export_eval(args.out, dataset=args.dataset, split=args.split, length=args.size,
+                              candidates=args.candidates, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"cocoa data export-eval: {e}") from None
+    print(f"{written.pop('images')} images under {Path(args.out) / 'images'}; "
+          + ", ".join(f"{kind}: {path}" for kind, path in written.items()))
     return 0
 
 
@@ -276,7 +348,15 @@ def main(argv=None) -> int:
     p = sub.add_parser("train", help="run one CoCoA stage, or a chain of stages from --config")
     p.add_argument("--stage", type=int, choices=[0, 1, 2, 3], help="0: causal captioning (the demo's starting point)")
     p.add_argument("--model", default="tiny", help="'tiny' (built-in, random weights) or a local model folder")
-    p.add_argument("--data", default="builtin", help="a JSONL file, or 'builtin' (synthetic shapes)")
+    p.add_argument("--data", nargs="+", default=["builtin"],
+                   help="'builtin' (synthetic shapes), a .jsonl/.parquet file (the project's JSONL, MMEB-train "
+                        "rows, or a table with our column names) or a datasets folder (save_to_disk); "
+                        "several are mixed with equal weights (weights, column mappings: --config)")
+    p.add_argument("--image-dir", default=None,
+                   help="where relative image paths start (default: each data file's folder)")
+    p.add_argument("--on-bad-sample", choices=["error", "skip"], default=None,
+                   help="a row with a missing or undecodable image: stop naming it (error, the default) "
+                        "or skip it (counted and logged)")
     p.add_argument("--out", default=None)
     p.add_argument("--init", default=None, help="a previous stage's output folder (DIR/final) to start from")
     p.add_argument("--steps", type=int, default=100)
@@ -301,17 +381,53 @@ def main(argv=None) -> int:
     p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
                    help="where the Trainer logs (loss and its text/image/contrastive parts)")
     p.add_argument("--config", default=None,
-                   help='JSON: {"model", "data", "out", "init", "report_to", "stages": [{"stage": 1, ...}]}; '
-                        "a stage takes any StageConfig field")
+                   help='JSON: {"model", "data", "image_dir", "out", "init", "report_to", "stages": [{"stage": 1, '
+                        '...}]}; a stage takes any StageConfig field and its own "data"')
     p.set_defaults(fn=train)
 
-    p = sub.add_parser("embed", help="embed the samples of a JSONL file with a trained model folder")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="a .pt file for the (N, dim) tensor")
-    p.add_argument("--instruction", default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    def eval_data_flags(p):
+        p.add_argument("--image-dir", default=None,
+                       help="image paths are relative to this (default: the data file's folder)")
+        p.add_argument("--on-bad-sample", choices=["error", "skip"], default="error",
+                       help="a row with a missing/undecodable image or malformed fields: stop (default) "
+                            "or skip and count")
+        p.add_argument("--batch-size", type=int, default=32)
+
+    p = sub.add_parser("embed", help="embed the rows of a JSONL/parquet file (or an MMEB-eval file's queries "
+                                     "or candidates)")
+    p.add_argument("--model", required=True, help="a model folder (a stage's DIR/final/backbone)")
+    p.add_argument("--data", required=True,
+                   help="JSONL/parquet rows {id?, image?, text?, instruction?} (the project JSONL too) "
+                        "or an MMEB-eval file")
+    p.add_argument("--out", required=True,
+                   help="FILE.npy (+ FILE.ids.json), FILE.parquet (id, embedding columns) "
+                        "or FILE.pt (the tensor alone)")
+    p.add_argument("--side", choices=["qry", "tgt"], default=None,
+                   help="MMEB-eval files: embed the queries (default) or the candidates (ids ROW:INDEX)")
+    p.add_argument("--instruction", default=None, help="put before every input without its own instruction")
+    eval_data_flags(p)
     p.set_defaults(fn=embed)
+
+    p = sub.add_parser("eval", help="MMEB-eval hit@1 and paired-caption Recall@1/5/10 of a model folder")
+    p.add_argument("--model", required=True, help="a model folder (a stage's DIR/final/backbone)")
+    p.add_argument("--data", required=True, nargs="+", help="MMEB-eval files and/or paired {image, text} files")
+    p.add_argument("--task-names", nargs="+", default=None, help="one name per --data file (default: the file stems)")
+    p.add_argument("--out", required=True, help="RESULT.json")
+    eval_data_flags(p)
+    p.set_defaults(fn=eval_)
+
+    p = sub.add_parser("data", help="data utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("export-eval", help="write the built-in eval data as PNGs + files `cocoa eval` reads")
+    p.add_argument("--out", required=True, help="folder for images/ and the .jsonl files")
+    p.add_argument("--dataset", choices=["objects", "shapes"], default="objects",
+                   help="objects: the demo's data and settings (default); shapes: ShapesDataset")
+    p.add_argument("--split", default="eval", help="objects: train, val or eval; shapes: train or eval")
+    p.add_argument("--size", type=int, default=None, help="items (default: the demo's eval_size)")
+    p.add_argument("--candidates", type=int, default=8,
+                   help="candidates per query in the hit@1 files (positive included)")
+    p.add_argument("--seed", type=int, default=0, help="the data seed (the demo's --seed) and the negatives' draw")
+    p.set_defaults(fn=data_export_eval)
 
     p = sub.add_parser("kernels-demo", help="run the EOS-bridge attention on an example packed batch")
     p.add_argument("--rows", type=int, default=2)
@@ -330,4 +446,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bench" and args.bench_args[:1] == ["--"]:
         args.bench_args = args.bench_args[1:]
-    return args.fn(args)
+    from . import missing_extra
+
+    try:
+        return args.fn(args)
+    except ModuleNotFoundError as e:  # a training-layer dependency not installed: say which extra
+        message = missing_extra(e)
+        if message is None:
+            raise
+        raise SystemExit(f"cocoa {args.command}: {message}") from None

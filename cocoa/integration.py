@@ -89,6 +89,7 @@ def cocoa_attention_forward(
     is_causal: bool | None = None,
     key_ranges: KeyRanges | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
+    cocoa_vision_cu_seqlens: torch.Tensor | None = None,
     **kwargs,
 ):
     """AttentionInterface entry. q (B, Hq, N, D), k/v (B, Hkv, N, D) -> ((B, N, Hq, D), None)."""
@@ -113,7 +114,9 @@ def cocoa_attention_forward(
             raise ValueError(f"key_ranges is on {mask.device} but the model runs on {query.device}")
     elif isinstance(attention_mask, KeyRanges):
         mask = attention_mask
-    elif cu_seq_lens_q is not None:  # varlen call (vision tower): bidirectional per segment
+    elif cocoa_vision_cu_seqlens is not None:  # all images at once (one_call_vision_attention)
+        mask = KeyRanges.from_cu_seqlens(cocoa_vision_cu_seqlens)
+    elif cu_seq_lens_q is not None:  # varlen call: bidirectional per segment
         mask = KeyRanges.from_cu_seqlens(cu_seq_lens_q)
     elif attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -126,6 +129,50 @@ def cocoa_attention_forward(
         raise TypeError(f"cocoa_triton: unsupported attention_mask of type {type(attention_mask).__name__}")
     out = attention(query, key, value, mask, scale=scaling)
     return out.transpose(1, 2), None  # free: the kernel writes token-major
+
+
+def _one_call_hook(module, args, kwargs):
+    """Forward pre-hook of a vision attention module: when it runs ``cocoa_triton``, hand it one
+    segment spanning every patch and carry the per-image boundaries to the attention function in
+    a keyword, so the module makes one attention call (bidirectional within each image) where it
+    would make one per image."""
+    cu_seqlens = kwargs.get("cu_seqlens")
+    if cu_seqlens is None or module.config._attn_implementation != ATTN_IMPLEMENTATION:
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    kwargs = dict(kwargs)
+    kwargs["cu_seqlens"] = cu_seqlens.new_tensor([0, hidden.shape[0]])
+    kwargs["cocoa_vision_cu_seqlens"] = cu_seqlens
+    return args, kwargs
+
+
+def one_call_vision_attention(model: torch.nn.Module) -> int:
+    """Make the vision tower of a Qwen2-VL / Qwen2.5-VL ``model`` attend over all the images of a
+    batch in one call per block (``cocoa.load_model`` does this; call it on a model loaded otherwise).
+
+    transformers' vision attention takes its packed path (one call, ``cu_seqlens``) only for
+    implementations named "flash" and otherwise splits the patches and calls the attention once
+    per image. Our kernel takes the packed form directly, so a forward pre-hook on each vision
+    attention module (a module whose ``forward`` takes ``cu_seqlens``; nothing else is touched, no
+    forward is replaced) turns the split into one segment and passes the image boundaries along as
+    ``cocoa_vision_cu_seqlens``. It acts only while the module's config says ``"cocoa_triton"``.
+    Idempotent; returns the number of modules hooked."""
+    import inspect
+
+    count = 0
+    for module in model.modules():
+        if getattr(module, "_cocoa_one_call", False):
+            count += 1
+            continue
+        forward = type(module).forward
+        if not hasattr(module, "config") or "Vision" not in type(module).__name__:
+            continue
+        if "cu_seqlens" not in inspect.signature(forward).parameters or not hasattr(module, "qkv"):
+            continue
+        module.register_forward_pre_hook(_one_call_hook, with_kwargs=True)
+        module._cocoa_one_call = True
+        count += 1
+    return count
 
 
 def register() -> None:

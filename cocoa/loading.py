@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig
 
-from .integration import ATTN_IMPLEMENTATION
+from .integration import ATTN_IMPLEMENTATION, one_call_vision_attention
 
 
 def load_model(
@@ -24,6 +24,9 @@ def load_model(
     ``dtype``: ``None`` keeps the checkpoint's own dtype (transformers' ``"auto"``: bf16 for
     Qwen2-VL) or, from a config, float32. Training passes ``torch.float32``: mixed precision keeps
     fp32 master weights and autocasts the compute (see :mod:`cocoa.train`).
+
+    The vision tower attends over all the images of a batch in one call per block
+    (:func:`cocoa.integration.one_call_vision_attention`).
     """
     config = path_or_config
     if not isinstance(config, PretrainedConfig):
@@ -31,5 +34,8 @@ def load_model(
     if model_class is None:
         model_class = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     if isinstance(path_or_config, PretrainedConfig):
-        return model_class.from_config(path_or_config, attn_implementation=attn_impl, dtype=dtype, **kwargs)
-    return model_class.from_pretrained(path_or_config, attn_implementation=attn_impl, dtype=dtype, **kwargs)
+        model = model_class.from_config(path_or_config, attn_implementation=attn_impl, dtype=dtype, **kwargs)
+    else:
+        model = model_class.from_pretrained(path_or_config, attn_implementation=attn_impl, dtype=dtype, **kwargs)
+    one_call_vision_attention(model)
+    return model

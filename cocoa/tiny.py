@@ -1,10 +1,11 @@
 """The built-in tiny backbone: a Qwen2-VL-shaped config and two tiny tokenizers.
 
 Nothing is downloaded: the demo, the tests and quick experiments build random-weight models from
-``tiny_config()`` and tokenize with ``char_tokenizer()`` (printable ASCII, one id per character)
-or ``word_tokenizer(words)`` (one id per word of a closed vocabulary, for the demo's data, where
-a character model could guess a caption from its visible letters). Both carry the special tokens
-CoCoA needs, at the same ids: pad, eos (the bridge ``<EOS>``), mask and the vision ones.
+``tiny_config()`` and tokenize with ``char_tokenizer()`` (printable ASCII, tab and newline, one
+id per character) or ``word_tokenizer(words)`` (one id per word of a closed vocabulary, for the
+demo's data, where a character model could guess a caption from its visible letters). Both carry
+the special tokens CoCoA needs, at the same ids: pad, eos (the bridge ``<EOS>``), mask and the
+vision ones.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
 
 SPECIAL = ["<pad>", "<unk>", "<eos>", "<mask>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-_CHARS = [chr(c) for c in range(32, 127)]
-VOCAB_SIZE = 128  # len(SPECIAL) + 95 printable characters, rounded up
+# Printable ASCII, then tab and newline (MMEB rows put "\n" around every instruction), appended
+# after the printable ones so that those keep the ids they had before.
+_CHARS = [chr(c) for c in range(32, 127)] + ["\t", "\n"]
+VOCAB_SIZE = 128  # len(SPECIAL) + 97 characters, rounded up
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -23,7 +26,8 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     for c in _CHARS:
         vocab[c] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # every character its own piece; "." alone would leave a run of newlines as one piece (<unk>)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()  # characters join back without spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", mask_token="<mask>",

@@ -24,6 +24,7 @@ from transformers.trainer_utils import has_length, rotate_checkpoints
 from . import checkpoints
 from .data.collators import Stage0Collator, Stage1Collator, Stage2Collator, Stage3Collator
 from .data.encoding import InputEncoder
+from .data.images import BAD_SAMPLE_POLICIES
 from .model import CocoaLossConfig, CocoaModel
 from .stage_inputs import SettingError, check_data_fits, stage_encoder
 from .tokens import ensure_mask_token
@@ -63,11 +64,17 @@ class StageConfig:
     min_pixels: int | None = None
     max_length: int | None = None  # text tokens kept per input (None: the encoder's)
     mask_token: str | None = None  # stages 1-2: an existing token to mask with; None: the tokenizer's or <|mask|>
+    # a data row with a missing or undecodable image (found when the data loads): "error" stops the
+    # run naming the row, "skip" drops the row (counted, logged once); a data spec's own key wins
+    on_bad_sample: str = "error"
 
     def __post_init__(self):
         _check_memory_settings(self)
         if self.stage not in (0, 1, 2, 3):  # 0: causal captioning, the demo's generative starting point
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage!r}")
+        if self.on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample must be one of {', '.join(BAD_SAMPLE_POLICIES)}, "
+                             f"got {self.on_bad_sample!r}")
         if self.target_mask_unit not in ("word", "token"):
             raise ValueError(f"target_mask_unit must be 'word' or 'token', got {self.target_mask_unit!r}")
         if self.loss is None or isinstance(self.loss, dict):
@@ -409,20 +416,26 @@ def _jsonable(x):
     return json.loads(json.dumps(x, default=str))
 
 
-def train_from_sources(stages: list[StageConfig], model_src: str, data_src: str, out_dir, *, init: str | None = None,
-                       report_to: str = "none"):
+def train_from_sources(stages: list[StageConfig], model_src: str, data_src, out_dir, *, init: str | None = None,
+                       report_to: str = "none", stage_data: dict | None = None, image_dir: str | None = None):
     """The ``cocoa train`` entry: ``model_src`` "tiny" or a local checkpoint folder (weights,
-    tokenizer and, for a vision-language model, image processor); ``data_src`` "builtin" or a JSONL
-    file; ``init`` a previous stage's ``final`` folder to start from (its ``backbone/`` tokenizer,
-    with any mask token an earlier stage added, replaces the folder's). The weights load in fp32
-    whatever the checkpoint's dtype: mixed precision (``StageConfig.precision``) autocasts them."""
-    from .data import ShapesDataset, load_jsonl
+    tokenizer and, for a vision-language model, image processor); ``data_src`` a data spec
+    (:mod:`cocoa.data.sources`: "builtin", a path, a dict, or a list of those mixed by weight);
+    ``stage_data`` maps a stage number to a spec that replaces ``data_src`` for that stage;
+    ``image_dir`` is where relative image paths start for specs without their own; ``init`` a
+    previous stage's ``final`` folder to start from (its ``backbone/`` tokenizer, with any mask
+    token an earlier stage added, replaces the folder's). The weights load in fp32 whatever the
+    checkpoint's dtype: mixed precision (``StageConfig.precision``) autocasts them.
+
+    All the data is read and checked before the model loads; rows skipped under
+    ``on_bad_sample="skip"`` are logged once per source."""
     from .embed import default_image_processor, load_image_processor
     from .loading import load_model
     from .stage_inputs import TOKENIZER_FILES, check_model_folder
     from .tiny import char_tokenizer, tiny_config
     from .tokens import grow_embeddings
 
+    dataset = stage_datasets(stages, data_src, stage_data=stage_data, image_dir=image_dir)
     if model_src == "tiny":
         config, tokenizer, processor = tiny_config(), char_tokenizer(), default_image_processor()
         backbone = load_model(config, dtype=torch.float32)
@@ -447,10 +460,29 @@ def train_from_sources(stages: list[StageConfig], model_src: str, data_src: str,
         model.load(init)
     if torch.cuda.is_available():
         model = model.cuda()
-    if data_src == "builtin":
-        dataset = {s: ShapesDataset(4096) for s in (0, 1, 2)} | {3: ShapesDataset(4096, task="retrieval")}
-    else:
-        dataset = load_jsonl(data_src)
     encoder = InputEncoder(tokenizer, config, processor)
     # each stage exports its tokenizer (with the mask token) and image processor
     return run_pipeline(stages, model, encoder, dataset, out_dir, report_to=report_to)
+
+
+def stage_datasets(stages: list[StageConfig], data_src, *, stage_data: dict | None = None,
+                   image_dir: str | None = None) -> dict:
+    """Each stage's dataset (stage number -> dataset) from the data specs; a bad spec or data file
+    is a :class:`SettingError` naming it. Skipped rows are logged here, once per source."""
+    from .data.sources import DataSources
+
+    sources = DataSources(image_dir=image_dir)
+    stage_data = stage_data or {}
+    datasets = {}
+    for cfg in stages:
+        spec, where = (data_src, "data")
+        if cfg.stage in stage_data:
+            spec, where = stage_data[cfg.stage], f"stage {cfg.stage} data"
+        try:
+            datasets[cfg.stage] = sources.stage_dataset(spec, cfg.stage, on_bad_sample=cfg.on_bad_sample,
+                                                        seed=cfg.seed, where=where)
+        except (OSError, ValueError) as e:  # the reader's message names the file and row
+            raise SettingError(str(e)) from None
+    for name, bad in sources.skipped():
+        logger.warning("data %s: %s", name, bad.summary())
+    return datasets

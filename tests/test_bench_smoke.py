@@ -20,10 +20,10 @@ if str(ROOT) not in sys.path:  # bench/ is not an installed package
 from bench import render, schema  # noqa: E402
 
 ATTENTION_IMPLS = ("cocoa", "flex_attention", "sdpa", "flash_attn")
-LOSS_IMPLS = ("cocoa", "torch_compact", "torch_full", "liger", "cut_cross_entropy", "cut_cross_entropy_exact")
+LOSS_IMPLS = ("cocoa", "cocoa_filtered", "torch_compact", "torch_full", "liger", "cut_cross_entropy", "cut_cross_entropy_exact")
 E2E_IMPLS = ("cocoa_triton", "sdpa", "flex_attention", "cocoa_triton+lce")
 # Implementations that must produce figures on any CPU (the others may be absent or need CUDA).
-MEASURED_ON_CPU = {("attention", "cocoa"), ("attention", "sdpa"), ("loss", "cocoa"), ("loss", "torch_compact"),
+MEASURED_ON_CPU = {("attention", "cocoa"), ("attention", "sdpa"), ("loss", "cocoa"), ("loss", "cocoa_filtered"), ("loss", "torch_compact"),
                    ("loss", "torch_full"), ("e2e", "cocoa_triton"), ("e2e", "sdpa")}
 
 

@@ -22,7 +22,7 @@ import torch
 
 from cocoa_kernels import KeyRanges
 
-from .encoding import IGNORE, InputEncoder, batch_rows, embedding_batch, pack_rows
+from .encoding import IGNORE, InputEncoder, batch_rows, pack_rows
 from .sample import Sample
 
 
@@ -198,26 +198,43 @@ class Stage2Collator(_Base):
 
 class Stage3Collator(_Base):
     """Contrastive batches: ``query``, ``positive`` and (if any sample has them) ``negative``
-    sub-batches, each with ``key_ranges`` (bidirectional per input) and ``eos_index`` (B,)."""
+    sub-batches, each with ``key_ranges`` (bidirectional per input) and ``eos_index`` (B,).
+
+    An input is ``[instruction][image][text]<EOS>``: a sample's own ``instruction`` when it has one
+    (an empty string: none), else, for queries, the stage's ``instruction``; positives and negatives
+    get none unless they carry their own."""
 
     def __init__(self, encoder, *, instruction: str | None = None, seed=None):
         super().__init__(encoder, seed=seed)
-        self.prefix = encoder.text_ids(instruction) if instruction else []
+        self.instruction = instruction
+        self._prefixes: dict[str, list[int]] = {}  # instruction -> ids, tokenized once
 
-    def _group(self, items: list[Sample], prefix) -> dict:
-        return embedding_batch(self.encoder, [(s.image, s.text) for s in items], prefix)
+    def _prefix(self, instruction: str | None) -> list[int]:
+        if not instruction:
+            return []
+        if instruction not in self._prefixes:
+            self._prefixes[instruction] = self.encoder.text_ids(instruction)
+        return self._prefixes[instruction]
+
+    def _group(self, items: list[Sample], default: str | None) -> dict:
+        encoded = [self.encoder.encode(s.image, s.text, prefix=self._prefix(
+            s.instruction if s.instruction is not None else default)) for s in items]
+        batch, seg, _ = batch_rows(self.encoder, encoded, [[i] for i in range(len(encoded))])
+        batch["key_ranges"] = KeyRanges.from_segments(seg)
+        batch["eos_index"] = torch.tensor([len(e.ids) - 1 for e in encoded])
+        return batch
 
     def __call__(self, samples: list[Sample]) -> dict:
         for s in samples:
             if s.positive is None:
                 raise ValueError("stage 3 needs a 'positive' for every sample")
         out = {
-            "query": self._group(samples, self.prefix),
-            "positive": self._group([s.positive for s in samples], []),
+            "query": self._group(samples, self.instruction),
+            "positive": self._group([s.positive for s in samples], None),
         }
         negatives = [n for s in samples for n in s.negatives]
         if negatives:
-            out["negative"] = self._group(negatives, [])
+            out["negative"] = self._group(negatives, None)
         return out
 
 

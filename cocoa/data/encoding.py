@@ -184,6 +184,24 @@ def embedding_batch(encoder: InputEncoder, items: list[tuple], prefix: list[int]
     return batch
 
 
+def packed_embedding_batch(encoder: InputEncoder, encoded: list[Encoded], rows: list[list[int]]) -> dict:
+    """Inputs to embed, several per row (``rows`` from :func:`pack_rows`): the model inputs, ``key_ranges``
+    (bidirectional inside each input) and ``eos_at`` (2, len(encoded)): the (row, column) of each
+    input's ``<EOS>``, in ``encoded`` order. A packed row computes what each input would alone."""
+    from cocoa_kernels import KeyRanges
+
+    batch, seg, _ = batch_rows(encoder, encoded, rows)
+    batch["key_ranges"] = KeyRanges.from_segments(seg)
+    eos_at = torch.empty(2, len(encoded), dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for i in row:
+            at += len(encoded[i].ids)
+            eos_at[0, i], eos_at[1, i] = b, at - 1  # the EOS closes the input
+    batch["eos_at"] = eos_at
+    return batch
+
+
 def load_image(image):
     from PIL import Image
 
