@@ -27,6 +27,7 @@ import numpy as np
 
 from .data.images import BadSampleError, BadSamples, check_policy
 from .data.mmeb_eval import EvalInput, ImageChecker, open_rows, read_eval_file, row_number
+from .evaluate import embed_unique
 
 ROW_KEYS = ("id", "image", "text", "instruction")
 PROJECT_KEYS = ("target", "positive", "negatives")  # project JSONL training fields, not embedded
@@ -120,12 +121,8 @@ def embed_inputs(embedder, inputs: list[EvalInput], *, instruction: str | None =
                  show_progress_bar: bool | None = None) -> np.ndarray:
     """float32 (len(inputs), dim); each distinct input is embedded once. ``instruction`` applies to
     the inputs without their own."""
-    index: dict = {}
-    for x in inputs:
-        index.setdefault(x, len(index))
-    vectors = embedder.encode([x.item() for x in index], batch_size=batch_size, show_progress_bar=show_progress_bar,
-                              instruction=instruction)
-    vectors = np.asarray(vectors, dtype=np.float32)
+    index, vectors = embed_unique(embedder, inputs, batch_size=batch_size, show_progress_bar=show_progress_bar,
+                                  instruction=instruction)
     return vectors[[index[x] for x in inputs]] if inputs else vectors
 
 

@@ -44,6 +44,17 @@ def retrieval_recall(embedder, samples, ks=(1, 5), batch_size: int = 64) -> dict
                          show_progress_bar=False)
 
 
+def embed_unique(embedder, inputs: list, **encode) -> tuple[dict, np.ndarray]:
+    """Embed each distinct input (hashable, with ``.item()``: :class:`cocoa.data.mmeb_eval.EvalInput`)
+    once: ``(index, vectors)``, ``vectors[index[x]]`` being ``x``'s float32 vector. ``encode``: the
+    keywords of ``Embedder.encode``."""
+    index: dict = {}
+    for x in inputs:
+        index.setdefault(x, len(index))
+    vectors = np.asarray(embedder.encode([x.item() for x in index], **encode), dtype=np.float32)
+    return index, vectors
+
+
 def hit_at_1(embedder, rows: list, batch_size: int = 32, show_progress_bar: bool | None = None) -> dict:
     """MMEB-eval hit@1 over ranking rows (:class:`cocoa.data.mmeb_eval.RankingRow`).
 
@@ -55,12 +66,9 @@ def hit_at_1(embedder, rows: list, batch_size: int = 32, show_progress_bar: bool
     """
     if not rows:
         raise ValueError("hit_at_1: no rows to evaluate")
-    index: dict = {}
-    for row in rows:
-        for x in (row.query, *row.candidates):
-            index.setdefault(x, len(index))
-    vectors = embedder.encode([x.item() for x in index], batch_size=batch_size, show_progress_bar=show_progress_bar)
-    vectors = np.asarray(vectors, dtype=np.float64)
+    index, vectors = embed_unique(embedder, [x for row in rows for x in (row.query, *row.candidates)],
+                                  batch_size=batch_size, show_progress_bar=show_progress_bar)
+    vectors = vectors.astype(np.float64)
     hits = 0
     for row in rows:
         ids = np.array([index[c] for c in row.candidates])

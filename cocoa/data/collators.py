@@ -22,7 +22,7 @@ import torch
 
 from cocoa_kernels import KeyRanges
 
-from .encoding import IGNORE, InputEncoder, batch_rows, pack_rows
+from .encoding import IGNORE, InputEncoder, batch_rows, encoded_embedding_batch, pack_rows
 from .sample import Sample
 
 
@@ -219,10 +219,7 @@ class Stage3Collator(_Base):
     def _group(self, items: list[Sample], default: str | None) -> dict:
         encoded = [self.encoder.encode(s.image, s.text, prefix=self._prefix(
             s.instruction if s.instruction is not None else default)) for s in items]
-        batch, seg, _ = batch_rows(self.encoder, encoded, [[i] for i in range(len(encoded))])
-        batch["key_ranges"] = KeyRanges.from_segments(seg)
-        batch["eos_index"] = torch.tensor([len(e.ids) - 1 for e in encoded])
-        return batch
+        return encoded_embedding_batch(self.encoder, encoded)
 
     def __call__(self, samples: list[Sample]) -> dict:
         for s in samples:

@@ -170,17 +170,17 @@ def batch_rows(encoder: InputEncoder, encoded: list[Encoded], rows: list[list[in
 
 
 def embedding_batch(encoder: InputEncoder, items: list[tuple], prefix: list[int] | None = None) -> dict:
-    """Inputs to embed, one per row: ``items`` are (image or None, text or None) pairs.
+    """Inputs to embed, one per row: ``items`` are (image or None, text or None) pairs, each after
+    ``prefix``. See :func:`encoded_embedding_batch`."""
+    return encoded_embedding_batch(encoder, [encoder.encode(image, text, prefix=prefix) for image, text in items])
 
-    Adds ``key_ranges`` (bidirectional inside each input: the stage-3 and inference mask) and
-    ``eos_index`` (B,), where each row's bridge ``<EOS>`` sits.
-    """
-    from cocoa_kernels import KeyRanges
 
-    encoded = [encoder.encode(image, text, prefix=prefix) for image, text in items]
-    batch, seg, _ = batch_rows(encoder, encoded, [[i] for i in range(len(encoded))])
-    batch["key_ranges"] = KeyRanges.from_segments(seg)
-    batch["eos_index"] = torch.tensor([len(e.ids) - 1 for e in encoded])
+def encoded_embedding_batch(encoder: InputEncoder, encoded: list[Encoded]) -> dict:
+    """Encoded inputs to embed, one per row (the stage-3 batches): the model inputs, ``key_ranges``
+    (bidirectional inside each input: the stage-3 and inference mask) and ``eos_index`` (B,), where
+    each row's bridge ``<EOS>`` sits."""
+    batch = packed_embedding_batch(encoder, encoded, [[i] for i in range(len(encoded))])
+    batch["eos_index"] = batch.pop("eos_at")[1]  # one input a row: its EOS column
     return batch
 
 
