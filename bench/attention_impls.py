@@ -16,6 +16,7 @@ upstream gradient serves all. What each one is given:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import warnings
@@ -224,4 +225,57 @@ class FlashVarlen:
                                     "detail": f"{label} flash_attn_varlen_func, cu_seqlens, causal={causal}"})
 
 
-IMPLS = {impl.name: impl for impl in (Cocoa(), Flex(), Sdpa(), FlashVarlen())}
+class CocoaVariant(Cocoa):
+    """Ours with one setting changed, timed beside the default ``cocoa`` row on the same inputs
+    (its ratio column is variant / default time: above 1, the default is faster). Only on CUDA:
+    the settings choose between Triton kernels. ``kwargs`` go to ``attention``; the measurement
+    (forward, backward, output check) runs inside ``setting()`` (a context manager) when given.
+    Left out of the bridge sweep to keep the GPU run in its time budget."""
+
+    variant = True
+
+    def __init__(self, name: str, label: str, kwargs: dict | None = None, setting=None):
+        self.name, self.label, self.kwargs, self.setting = name, label, dict(kwargs or {}), setting
+
+    def prepare(self, w: AttnWorkload, mask: KeyRanges, shape: AttnShape, device) -> Prepared:
+        from cocoa_kernels import attention
+
+        if device.type != "cuda":
+            raise Unavailable("a Triton kernel variant: needs CUDA")
+
+        def call(x: AttnInputs):
+            q, k, v = _heads_first(x)
+            return attention(q, k, v, mask, impl="triton", **self.kwargs).transpose(1, 2)
+
+        return Prepared(call, setting=self.setting,
+                        info={"mask_mb": _tensor_bytes(mask.lo, mask.hi) / 2**20,
+                              "detail": f"cocoa_kernels.attention(impl='triton'), {self.label}"})
+
+
+def _pointer_forward():
+    """The pointer forward (cp.async) on every GPU: the TMA forward switched off."""
+    from cocoa_kernels.attention import config
+
+    return config.forward_path("pointer")
+
+
+@contextlib.contextmanager
+def _autotuned():
+    """Autotuning on for the block (its choices are cached in the process: the warm-up calls tune)."""
+    from cocoa_kernels.attention import autotune
+
+    before = autotune.enabled()
+    autotune.enable(True)
+    try:
+        yield
+    finally:
+        autotune.enable(before)
+
+
+VARIANTS = (
+    CocoaVariant("cocoa_nondeterministic", "deterministic=False: one backward kernel, 5 products per tile, atomic "
+                 "fp32 dQ", kwargs={"deterministic": False}),
+    CocoaVariant("cocoa_pointer_fwd", "the pointer (cp.async) forward instead of the TMA one", setting=_pointer_forward),
+    CocoaVariant("cocoa_autotuned", "autotuned configs (tuned during the warm-up calls, cached)", setting=_autotuned),
+)
+IMPLS = {impl.name: impl for impl in (Cocoa(), Flex(), Sdpa(), FlashVarlen(), *VARIANTS)}

@@ -29,6 +29,9 @@ class Prepared:
     backward: bool = True
     backward_note: str | None = None
     info: dict = field(default_factory=dict)
+    # A context manager factory the whole measurement (forward, backward, output check) runs in:
+    # a setting that must also hold while autograd runs the backward.
+    setting: Callable | None = None
 
 
 def is_oom(e: BaseException) -> bool:

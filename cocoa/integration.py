@@ -11,6 +11,8 @@ The CoCoA masks travel as a forward keyword: ``model(**inputs, key_ranges=KeyRan
 transformers hands unknown keywords down to every attention call; decoder self-attention layers
 (the modules with a ``layer_idx``, i.e. a KV-cache slot) use them, while vision-tower blocks,
 which get the same keywords, ignore them and attend bidirectionally within each image.
+``cocoa_deterministic=False`` (another forward keyword, default True) gives every
+``cocoa_triton`` layer the faster non-deterministic backward (``attention(deterministic=...)``).
 No model class is patched and no forward is copied.
 """
 
@@ -90,6 +92,7 @@ def cocoa_attention_forward(
     key_ranges: KeyRanges | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     cocoa_vision_cu_seqlens: torch.Tensor | None = None,
+    cocoa_deterministic: bool = True,
     **kwargs,
 ):
     """AttentionInterface entry. q (B, Hq, N, D), k/v (B, Hkv, N, D) -> ((B, N, Hq, D), None)."""
@@ -127,7 +130,7 @@ def cocoa_attention_forward(
         mask = KeyRanges.from_dense(allowed[:, 0].expand(B, N, N).contiguous())
     else:
         raise TypeError(f"cocoa_triton: unsupported attention_mask of type {type(attention_mask).__name__}")
-    out = attention(query, key, value, mask, scale=scaling)
+    out = attention(query, key, value, mask, scale=scaling, deterministic=cocoa_deterministic)
     return out.transpose(1, 2), None  # free: the kernel writes token-major
 
 

@@ -11,6 +11,8 @@ ships inside the triton wheel assembles the PTX, so these facts can be checked h
 Launch-time specialisation is reproduced: pointers aligned to 16 bytes, strides of the last
 dimension equal to 1 (constexpr), the other strides and the head dim divisible by 16 (Triton
 marks integer arguments divisible by 16 at launch; the shapes we ship have that property).
+Host-side tensor descriptors (the TMA forward, ``triton_fwd_tma``) are ``tensordesc<type[block]>``
+arguments, as a launch with a ``TensorDescriptor`` specialises them.
 
 ``loop_instructions_per_key`` (forward and dQ): the SASS instructions of one iteration of the
 steady-state unmasked key loop (the middle of the kernel's three loops: masked edge, full tiles,
@@ -33,7 +35,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cocoa_kernels.attention import config as attn_config  # noqa: E402
 from cocoa_kernels.attention import triton_bwd as attn_bwd  # noqa: E402
 from cocoa_kernels.attention import triton_fwd as attn_fwd  # noqa: E402
+from cocoa_kernels.attention import triton_fwd_tma as attn_fwd_tma  # noqa: E402
 from cocoa_kernels.losses import config as loss_config  # noqa: E402
 from cocoa_kernels.losses import triton_bwd as loss_bwd  # noqa: E402
 from cocoa_kernels.losses import triton_fwd as loss_fwd  # noqa: E402
@@ -81,6 +84,8 @@ class Case:
     block_n: int | None = None
     key_loop: bool = False  # a three-loop attention kernel over key tiles (forward, dQ)
     gemm: bool = True  # a tensor-core kernel (the loss's live-list builder is not)
+    # argument name -> (element type, block shape) of a host-side TMA tensor descriptor
+    descriptors: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,9 @@ def _signature(case: Case):
         if name in case.constexprs:
             signature[name] = "constexpr"
             constexprs[(args.index(name),)] = case.constexprs[name]
+        elif name in case.descriptors:
+            kind, block = case.descriptors[name]
+            signature[name] = f"tensordesc<{kind}[{','.join(map(str, block))}]>"
         elif name in case.pointers:
             kind = case.pointers[name]
             signature[name] = "*i32" if kind == "i32" else _TRITON_TYPES[kind]
@@ -137,7 +145,9 @@ _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 
 def sass_loops(sass: str) -> list[list[str]]:
     """The bodies (instruction lists) of the loops in ``nvdisasm`` output, in address order: a
-    branch back to an earlier label closes a loop. Self-branches (the trap after EXIT) are not loops."""
+    branch back to an earlier label closes a loop. Self-branches (the trap after EXIT) are not loops,
+    nor is a span with an EXIT in it: that is an out-of-line block placed after the kernel's end
+    (a TMA barrier's retry spin) jumping back into the code it came from."""
     labels, instructions, loops = {}, [], []
     for line in sass.splitlines():
         label = _LABEL.match(line.strip())
@@ -150,7 +160,9 @@ def sass_loops(sass: str) -> list[list[str]]:
         instructions.append(ins.group(1))
         target = _BRANCH.search(ins.group(1))
         if target and target.group(1) in labels and labels[target.group(1)] < len(instructions) - 1:
-            loops.append(instructions[labels[target.group(1)]:])
+            body = instructions[labels[target.group(1)]:]
+            if not any(ins.split()[-1] == "EXIT" for ins in body):
+                loops.append(body)
     return loops
 
 
@@ -230,8 +242,9 @@ def attention_cases(dtype: str = "bf16", arch: str = "sm_90a", head_dims=(64, 80
         data.update({n: "fp32" for n in ("Lse", "Delta")}, **{n: "i32" for n in ("Lo", "Hi", "Bounds", "Order")})
         kernels = (("fwd", attn_fwd._attn_fwd_kernel, cfg.fwd, {}, data),
                    ("dq", attn_bwd._attn_bwd_dq_kernel, cfg.dq, {}, data),
-                   ("dkdv mha", attn_bwd._attn_bwd_dkdv_kernel, cfg.dkdv, {"GROUP": 1, "SPLITS": 1}, data),
-                   ("dkdv gqa split", attn_bwd._attn_bwd_dkdv_kernel, cfg.dkdv, {},
+                   ("dkdv mha", attn_bwd._attn_bwd_dkdv_kernel, cfg.dkdv,
+                    {"GROUP": 1, "SPLITS": 1, "ACCUMULATE_DQ": False}, data),
+                   ("dkdv gqa split", attn_bwd._attn_bwd_dkdv_kernel, cfg.dkdv, {"ACCUMULATE_DQ": False},
                     {**data, "DK": "fp32", "DV": "fp32"}))
         for label, fn, k, fixed, pointers in kernels:
             constexprs, divisible = _strides(fn, dict(base, BLOCK_M=k.block_m, BLOCK_N=k.block_n, **fixed))
@@ -239,6 +252,30 @@ def attention_cases(dtype: str = "bf16", arch: str = "sm_90a", head_dims=(64, 80
                               fn, pointers, constexprs, divisible + ("D",), k.num_warps, k.num_stages,
                               kernel=f"attention {label}", dtype=dtype, head_dim=D, block_m=k.block_m,
                               block_n=k.block_n, key_loop=label in ("fwd", "dq")))
+    return cases
+
+
+def fused_bwd_cases(dtype: str = "bf16", arch: str = "sm_90a", head_dims=(64, 80, 96, 128)) -> list[Case]:
+    """The opt-in non-deterministic backward (the dK/dV kernel with ``ACCUMULATE_DQ``: dQ added
+    atomically into fp32) for each head dim with its table's tiles; GROUP and SPLITS at runtime
+    (the GQA path)."""
+    cases = []
+    element = 4 if dtype == "fp32" else 2
+    capability = divmod(ARCHS[arch][0], 10)
+    for D in head_dims:
+        block_d = attn_config.block_d_for(D)
+        cfg = attn_config.pick_config(block_d, element, on_gpu=True, capability=capability)
+        k = attn_config.fused_bwd_config(cfg, block_d, element, on_gpu=True, capability=capability)
+        constexprs, divisible = _strides(attn_bwd._attn_bwd_dkdv_kernel, dict(
+            BLOCK_D=block_d, EVEN_D=block_d == D, DOT_PRECISION="tf32x3" if dtype == "fp32" else "tf32",
+            BLOCK_M=k.block_m, BLOCK_N=k.block_n, ACCUMULATE_DQ=True))
+        pointers = {n: dtype for n in ("Q", "K", "V", "DO", "DK", "DV")}
+        pointers.update({n: "fp32" for n in ("DQ", "Lse", "Delta")},
+                        **{n: "i32" for n in ("Lo", "Hi", "Bounds", "Order")})
+        cases.append(Case(f"attention fused bwd {dtype} D={D} ({k.block_m}x{k.block_n}, w{k.num_warps})",
+                          attn_bwd._attn_bwd_dkdv_kernel, pointers, constexprs, divisible + ("D",),
+                          k.num_warps, k.num_stages, kernel="attention fused bwd", dtype=dtype, head_dim=D,
+                          block_m=k.block_m, block_n=k.block_n))
     return cases
 
 
@@ -273,9 +310,30 @@ def loss_cases(dtype: str = "bf16") -> list[Case]:
     return cases
 
 
+def tma_attention_cases(dtype: str = "bf16", arch: str = "sm_90a", head_dims=(64, 80, 96, 128)) -> list[Case]:
+    """The Hopper forward through tensor descriptors (``triton_fwd_tma``), for each head dim with
+    its table's tiles: only on sm_90a and for 16-bit inputs, the only ones it runs."""
+    if arch != "sm_90a" or dtype == "fp32":
+        return []
+    cases = []
+    for D in head_dims:
+        block_d = attn_config.block_d_for(D)
+        k = attn_config.tma_fwd_config(block_d, on_gpu=True)
+        q_block, kv_block = (dtype, [1, 1, k.block_m, block_d]), (dtype, [1, 1, k.block_n, block_d])
+        cases.append(Case(f"attention fwd tma {dtype} D={D} ({k.block_m}x{k.block_n}, w{k.num_warps})",
+                          attn_fwd_tma._attn_fwd_tma_kernel,
+                          {"Lse": "fp32", **{n: "i32" for n in ("Lo", "Hi", "Bounds", "Order")}},
+                          dict(BLOCK_M=k.block_m, BLOCK_N=k.block_n, BLOCK_D=block_d, DOT_PRECISION="tf32"),
+                          (), k.num_warps, k.num_stages, kernel="attention fwd tma", dtype=dtype, head_dim=D,
+                          block_m=k.block_m, block_n=k.block_n, key_loop=True,
+                          descriptors={"desc_q": q_block, "desc_o": q_block, "desc_k": kv_block, "desc_v": kv_block}))
+    return cases
+
+
 def all_cases(dtype: str, arch: str = "sm_90a") -> list[Case]:
     """The cases whose configs a GPU of ``arch`` runs (the attention table depends on it)."""
-    return attention_cases(dtype, arch) + loss_cases(dtype)
+    return (attention_cases(dtype, arch) + tma_attention_cases(dtype, arch) + fused_bwd_cases(dtype, arch)
+            + loss_cases(dtype))
 
 
 def main(argv=None) -> int:

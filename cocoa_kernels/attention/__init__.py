@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -26,6 +27,7 @@ def attention(
     *,
     scale: float | None = None,
     impl: str | None = None,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Scaled dot-product attention in which query i of row b sees keys ``[lo[b,i], hi[b,i])``.
 
@@ -44,6 +46,15 @@ def attention(
     ``scale`` defaults to ``1 / sqrt(D)``. ``impl``: None picks Triton for CUDA tensors and
     PyTorch otherwise; "triton" or "torch" forces one (see ``cocoa_kernels._backend``).
 
+    ``deterministic`` (a bool) picks the Triton backward. True (default): a dQ kernel and a
+    dK/dV kernel, no atomics, gradients bitwise identical run to run; each kernel recomputes the
+    probabilities and dP, 7 matrix products per (query tile, key tile). False: one kernel computes
+    dQ, dK and dV together with 5 products (about 5/7 of the backward's matrix work), adding dQ
+    atomically into an fp32 (B, Hq, N, D) buffer as FlashAttention-2 does (4 * B * Hq * N * D
+    bytes more while the backward runs). The order of those adds varies, so dQ, and every gradient
+    upstream of it, differs between identical runs in the last bits; dK and dV stay deterministic.
+    The PyTorch implementation is deterministic and ignores the flag.
+
     Example (two samples packed in one row, bidirectional inside each)::
 
         seg = torch.tensor([[0, 0, 0, 1, 1, -1]])          # -1: padding
@@ -55,8 +66,22 @@ def attention(
     # do (see cocoa_kernels._autocast); gradients flow back through the casts in each input's dtype.
     q, k, v = cast_to_autocast(device, q, k, v)
     scale = _check(q, k, v, mask, scale, impl)
-    out, _ = op.attention_fwd(q, k, v, mask.lo, mask.effective_hi(), scale, impl)
+    _check_deterministic(deterministic, impl)
+    out, _ = op.attention(q, k, v, mask.lo, mask.effective_hi(), scale, impl, deterministic)
     return out
+
+
+def _check_deterministic(deterministic, impl) -> None:
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"attention: deterministic must be True or False, got {deterministic!r}")
+    # As PyTorch's own nondeterministic ops do under torch.use_deterministic_algorithms(True):
+    # an error (a warning with warn_only=True), never a silent switch to the other backward.
+    if not deterministic and impl == "triton" and torch.are_deterministic_algorithms_enabled():
+        message = ("attention: deterministic=False (atomic dQ accumulation) was asked for while "
+                   "torch.use_deterministic_algorithms(True) is set; pass deterministic=True")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _check(q, k, v, mask, scale, impl) -> float:

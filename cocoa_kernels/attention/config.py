@@ -4,6 +4,8 @@ Tables keyed on head dim and GPU generation: Hopper (H100/H200, chosen in bf16) 
 Ampere/Ada, tiles that compile there without spills; the interpreter gets small tiles so CPU
 tests stay quick. Tests pin a config with :func:`use_config` so that
 multi-tile paths (masked edges, unmasked middles, partial last tiles) run at small N.
+``autotune.py`` (opt-in, ``COCOA_AUTOTUNE=1``) times candidates around these entries per call
+class; the tables stay the default, the fallback, and the first candidate.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ class AttentionConfig:
     # writes an fp32 partial, summed afterwards). None: as few as give every SM several programs
     # (see ``dkdv_splits``); tests pin it to run the split path at small sizes.
     dkdv_splits: int | None = None
+    # Programs that share one tile's loop (forward and dQ: its key tiles; dK/dV: its query tiles),
+    # each writing an fp32 partial merged afterwards. None: as many as give every SM
+    # ``LOOP_SPLIT_MIN_WAVES`` programs (see ``loop_splits``); tests pin it at small sizes.
+    loop_splits: int | None = None
+    # Tiles of the opt-in non-deterministic backward (``triton_bwd``, ACCUMULATE_DQ). None: the
+    # ``_FUSED_BWD_*`` tables on a GPU, this config's dkdv tiles in the interpreter.
+    fused_bwd: KernelConfig | None = None
 
 
 _INTERPRETER = AttentionConfig(KernelConfig(32, 32), KernelConfig(32, 32), KernelConfig(32, 32))
@@ -44,12 +53,16 @@ _INTERPRETER = AttentionConfig(KernelConfig(32, 32), KernelConfig(32, 32), Kerne
 _GPU_16BIT = {
     64: AttentionConfig(
         fwd=KernelConfig(128, 64, num_warps=8, num_stages=3),  # 4 warps: 255 registers, spills (sm_90a compile)
-        dq=KernelConfig(128, 32, num_warps=4, num_stages=3),
+        # 128x64 at 8 warps: 3.70 SASS instructions per key per warp (29.6 per key for the 8) vs
+        # 33.0 for 128x32 at 4 warps; 188 registers, 0 spills (sm_90a compile). 4 warps spill.
+        dq=KernelConfig(128, 64, num_warps=8, num_stages=2),
         dkdv=KernelConfig(32, 128, num_warps=8, num_stages=3),  # 4 warps spill at D = 64 (sm_90 compile)
     ),
     128: AttentionConfig(
         fwd=KernelConfig(128, 64, num_warps=8, num_stages=3),
-        dq=KernelConfig(128, 32, num_warps=8, num_stages=2),
+        # 128x64: 4.73 SASS instructions per key against 6.59 at 128x32 (0 spills; 240 registers
+        # at D = 128, 255 at D = 80/96, which pad to 128: no headroom left there).
+        dq=KernelConfig(128, 64, num_warps=8, num_stages=2),
         dkdv=KernelConfig(32, 128, num_warps=8, num_stages=2),
     ),
 }
@@ -139,5 +152,112 @@ def dkdv_splits(cfg: AttentionConfig, group: int, programs: int, device: torch.d
     return next((d for d in divisors if programs * d >= DKDV_MIN_WAVES * sms), group)
 
 
+# Programs per SM below which a kernel splits each tile's loop over several programs (flash-decoding
+# style: fp32 partials merged by the launcher). Short rows give fewer tiles than SMs: the bridge at
+# 1k tokens runs 96 forward programs on 132 SMs, 1.61x the ideal makespan; split to 3 programs per
+# SM every short-row kernel predicts <= 1.09x (``python -m bench.work_model``). Each extra program
+# repeats its prologue and writes an fp32 partial that a merge pass reads back: charging one loop
+# iteration for each (``ratio_overhead``), 3 pieces beat 4 or 5 at 1k-4k tokens in every kernel
+# (the bridge's forward at 1k: 1.49x with 3, 1.82x with 4, 1.91x with 5, 1.59x unsplit), hence the cap.
+LOOP_SPLIT_MIN_WAVES = 3
+LOOP_SPLIT_MAX = 3
+
+
+def loop_splits(programs: int, max_iterations: int, device: torch.device, sms: int | None = None,
+                cfg: AttentionConfig | None = None) -> int:
+    """How many programs share each tile's loop: the fewest that give ``programs * splits >=
+    LOOP_SPLIT_MIN_WAVES * sms``, at most ``LOOP_SPLIT_MAX`` and ``max_iterations`` (a bound on a
+    tile's loop iterations: more pieces would be empty). ``sms``: default the device's; off the GPU, 1. Pinned by
+    ``cfg.loop_splits`` (``cfg`` None: the config pinned by :func:`use_config`, if any)."""
+    cfg = _pinned.config if cfg is None else cfg
+    if cfg is not None and cfg.loop_splits is not None:
+        return max(1, cfg.loop_splits)
+    if sms is None:
+        if device.type != "cuda":
+            return 1
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    wanted = -(-LOOP_SPLIT_MIN_WAVES * sms // max(1, programs))
+    return max(1, min(wanted, LOOP_SPLIT_MAX, max_iterations))
+
+
+# The Hopper forward through tensor descriptors (``triton_fwd_tma``: sm_90 and later, 16-bit
+# inputs), padded head dim -> tiles. TMA moves tiles without pointer tensors in registers, so
+# 128x128 fits at D = 128 without spills: 201 registers, 161 KiB shared with 2 stages (3 take 225
+# of the 227 KiB), 3.84 SASS instructions per key in the full-tile loop; at D = 64, 3 stages,
+# 185 registers, 3.59 per key. 4 warps spill at D = 128 (tests/sm90_compile.py).
+_GPU_16BIT_TMA = {
+    64: KernelConfig(128, 128, num_warps=8, num_stages=3),
+    128: KernelConfig(128, 128, num_warps=8, num_stages=2),
+}
+
+
+# Which forward runs where both could: "auto" (the TMA one where ``op._triton_forward`` takes it)
+# or "pointer" (the cp.async one everywhere, as on pre-Hopper GPUs). Benchmarks time the two side
+# by side; :func:`forward_path` sets it for a block.
+FORWARD_PATHS = ("auto", "pointer")
+_forward_path: Pinned[str] = Pinned()
+
+
+def forward_path(path: str):
+    """``with forward_path("pointer"):`` runs every Triton forward in the block on the pointer
+    kernel; ``"auto"`` restores the automatic choice."""
+    if path not in FORWARD_PATHS:
+        raise ValueError(f"forward_path: path must be one of {FORWARD_PATHS}, got {path!r}")
+    return _forward_path.use(path)
+
+
+def current_forward_path() -> str:
+    return _forward_path.config or "auto"
+
+
+def tma_fwd_config(block_d: int, on_gpu: bool) -> KernelConfig:
+    """Tiles of the TMA forward: a pinned config's ``fwd`` (tests), the interpreter's small tiles
+    off the GPU, else ``_GPU_16BIT_TMA`` (its inputs are 16-bit on a GPU)."""
+    if _pinned.config is not None:
+        return _pinned.config.fwd
+    if not on_gpu:
+        return _INTERPRETER.fwd
+    return _GPU_16BIT_TMA[64 if block_d <= 64 else 128]
+
+
 # Pin every launch inside a ``with use_config(config):`` block to ``config`` (for tests and tuning).
 use_config = _pinned.use
+
+
+def pinned_config() -> AttentionConfig | None:
+    """The config :func:`use_config` pins now, if any (``autotune`` skips tuning then)."""
+    return _pinned.config
+
+
+# The non-deterministic backward (``attention(..., deterministic=False)``): the dK/dV kernel with
+# ACCUMULATE_DQ holds K, V and the dK, dV accumulators of a key tile and also computes a
+# [BLOCK_M, D] slice of dQ per step. Chosen by compiling for sm_80, sm_89 and sm_90a
+# (tests/sm90_compile.py), padded head dim 64 or 128 -> tiles for 16-bit inputs.
+_FUSED_BWD_16BIT = {
+    64: KernelConfig(32, 128, num_warps=8, num_stages=3),
+    128: KernelConfig(32, 128, num_warps=8, num_stages=2),
+}
+_FUSED_BWD_16BIT_MMA_V2 = {
+    64: KernelConfig(32, 128, num_warps=8, num_stages=2),
+    128: KernelConfig(32, 64, num_warps=8, num_stages=2),
+}
+# fp32 (tf32x3): 32 keys a tile need 128.5 KiB of shared memory at D = 128 (over Ada's 99) and
+# spill; 16 keys compile without spills for sm_80, sm_89 and sm_90a at 80.5 KiB.
+_FUSED_BWD_FP32 = KernelConfig(32, 16, num_warps=8, num_stages=2)
+
+
+def fused_bwd_config(
+    cfg: AttentionConfig, block_d: int, element_size: int, on_gpu: bool, capability: tuple[int, int] | None = None
+) -> KernelConfig:
+    """Tiles of the fused backward: ``cfg.fused_bwd`` when set (a pinned config), else the
+    tables above on a GPU, else (interpreter) ``cfg.dkdv``, the small tiles tests pin."""
+    if cfg.fused_bwd is not None:
+        return cfg.fused_bwd
+    if not on_gpu:
+        return cfg.dkdv
+    if element_size >= 4:
+        return _FUSED_BWD_FP32
+    if capability is None:
+        capability = _capability(torch.cuda.current_device())
+    table = _FUSED_BWD_16BIT if capability >= (9, 0) else _FUSED_BWD_16BIT_MMA_V2
+    return table[64 if block_d <= 64 else 128]
