@@ -69,3 +69,17 @@ def test_loop_splits_fill_short_grids(monkeypatch):
     assert attn_config.loop_splits(10_000, 1, gpu, cfg=pinned) == 4  # a pin wins
     with attn_config.use_config(pinned):
         assert attn_config.loop_splits(10_000, 1, gpu) == 4  # the pinned config by default
+
+
+def test_split_loops_with_the_atomic_dq_backward():
+    """deterministic=False runs the dK/dV kernel with ACCUMULATE_DQ: its query-loop pieces each
+    add their share of dQ atomically and write dK/dV partials (with head splits too)."""
+    cfg = dataclasses.replace(SMALL_TILES, loop_splits=3, dkdv_splits=2)
+    mask = make_mask("eos_bridge", 2, 75, seed=6).to(DEVICE)
+    q, k, v, do = make_qkv(2, 4, 2, 75, 64, torch.bfloat16, DEVICE, seed=6)
+    with attn_config.use_config(cfg):
+        got = run_with_grads(lambda a, b, c: attention(a, b, c, mask, impl="triton", deterministic=False),
+                             q, k, v, do)
+    truth, base = truth_and_baseline(q, k, v, do, mask)
+    for name, g, t, b in zip(NAMES, got, truth, base):
+        assert_close(f"{name} (3 pieces, atomic dQ)", g, t, b)
