@@ -109,15 +109,26 @@ def pick_config(
         return _INTERPRETER
     if element_size >= 4:
         return _GPU_FP32
+    return _by_arch(_GPU_16BIT, _GPU_16BIT_MMA_V2, block_d, capability)
+
+
+def _by_arch(hopper: dict, mma_v2: dict, block_d: int, capability: tuple[int, int] | None):
+    """A 16-bit table's entry for the padded head dim: ``hopper`` from sm_90 on, ``mma_v2``
+    (Ampere, Ada) before; ``capability`` default the current device's."""
     if capability is None:
         capability = _capability(torch.cuda.current_device())
-    table = _GPU_16BIT if capability >= (9, 0) else _GPU_16BIT_MMA_V2
+    table = hopper if capability >= (9, 0) else mma_v2
     return table[64 if block_d <= 64 else 128]
 
 
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, looked up once per device."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
@@ -257,7 +268,4 @@ def fused_bwd_config(
         return cfg.dkdv
     if element_size >= 4:
         return _FUSED_BWD_FP32
-    if capability is None:
-        capability = _capability(torch.cuda.current_device())
-    table = _FUSED_BWD_16BIT if capability >= (9, 0) else _FUSED_BWD_16BIT_MMA_V2
-    return table[64 if block_d <= 64 else 128]
+    return _by_arch(_FUSED_BWD_16BIT, _FUSED_BWD_16BIT_MMA_V2, block_d, capability)

@@ -117,12 +117,18 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _custom_op_backward(ctx, d_out, d_lse):
+def _input_grads(ctx, d_out, backward):
+    """The gradients of the 8 inputs from ``backward`` (the custom op or :func:`_backward`) on the
+    saved tensors: q, k and v's, None for the rest."""
     q, k, v, out, lse, lo, hi = ctx.saved_tensors
     if d_out is None:
         return None, None, None, None, None, None, None, None
-    dq, dk, dv = attention_bwd(d_out, q, k, v, out, lse, lo, hi, ctx.scale, ctx.impl, ctx.deterministic)
+    dq, dk, dv = backward(d_out, q, k, v, out, lse, lo, hi, ctx.scale, ctx.impl, ctx.deterministic)
     return dq, dk, dv, None, None, None, None, None
+
+
+def _custom_op_backward(ctx, d_out, d_lse):
+    return _input_grads(ctx, d_out, attention_bwd)
 
 
 attention_fwd.register_autograd(_custom_op_backward, setup_context=_setup_context)
@@ -140,11 +146,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse, lo, hi = ctx.saved_tensors
-        if d_out is None:
-            return None, None, None, None, None, None, None, None
-        dq, dk, dv = _backward(d_out, q, k, v, out, lse, lo, hi, ctx.scale, ctx.impl, ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None
+        return _input_grads(ctx, d_out, _backward)
 
 
 def attention(q, k, v, lo, hi, scale: float, impl: str, deterministic: bool = True):

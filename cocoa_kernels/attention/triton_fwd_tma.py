@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .config import KernelConfig, block_d_for, current_forward_path, tma_fwd_config
+from .config import KernelConfig, block_d_for, current_forward_path, device_capability, tma_fwd_config
 from .triton_common import LOG2E, dot_precision, load_bounds, online_softmax_step, scheduled_tile
 from .triton_fwd import fwd_loop_splits, fwd_schedule
 
@@ -129,7 +129,7 @@ def tma_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if capability is None:
         if not q.is_cuda:
             return False
-        capability = torch.cuda.get_device_capability(q.device)
+        capability = device_capability(q.device)  # cached: this runs on every forward
     if tuple(capability) < (9, 0):
         return False
     if q.dtype not in _TMA_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
