@@ -259,6 +259,14 @@ def _pointer_forward():
     return config.forward_path("pointer")
 
 
+def _warp_specialised_forward():
+    """The two-pass TMA forward (full tiles warp-specialised, then the masked edges) where the
+    default runs the one-pass TMA forward."""
+    from cocoa_kernels.attention import config
+
+    return config.forward_path("tma_ws")
+
+
 @contextlib.contextmanager
 def _autotuned():
     """Autotuning on for the block (its choices are cached in the process: the warm-up calls tune)."""
@@ -276,6 +284,8 @@ VARIANTS = (
     CocoaVariant("cocoa_nondeterministic", "deterministic=False: one backward kernel, 5 products per tile, atomic "
                  "fp32 dQ", kwargs={"deterministic": False}),
     CocoaVariant("cocoa_pointer_fwd", "the pointer (cp.async) forward instead of the TMA one", setting=_pointer_forward),
+    CocoaVariant("cocoa_tma_ws", "the two-pass TMA forward: full tiles warp-specialised, then the masked edges",
+                 setting=_warp_specialised_forward),
     CocoaVariant("cocoa_autotuned", "autotuned configs (tuned during the warm-up calls, cached)", setting=_autotuned),
 )
 IMPLS = {impl.name: impl for impl in (Cocoa(), Flex(), Sdpa(), FlashVarlen(), *VARIANTS)}

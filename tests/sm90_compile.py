@@ -16,7 +16,9 @@ arguments, as a launch with a ``TensorDescriptor`` specialises them.
 
 ``loop_instructions_per_key`` (forward and dQ): the SASS instructions of one iteration of the
 steady-state unmasked key loop (the middle of the kernel's three loops: masked edge, full tiles,
-masked edge; an instruction is issued once per warp) divided by the BLOCK_N keys it consumes.
+masked edge; an instruction is issued once per warp) divided by the BLOCK_N keys it consumes. For
+the warp-specialised full-tile pass (``triton_fwd_ws``), whose only key loop runs in two consumer
+warp groups, the longer of the two consumer loops.
 SASS comes from ``nvdisasm`` in the triton wheel, run on the cubin Triton built.
 
 ``python tests/sm90_compile.py`` prints the table for every case and arch; ``--json`` prints one
@@ -49,6 +51,7 @@ from cocoa_kernels.attention import config as attn_config  # noqa: E402
 from cocoa_kernels.attention import triton_bwd as attn_bwd  # noqa: E402
 from cocoa_kernels.attention import triton_fwd as attn_fwd  # noqa: E402
 from cocoa_kernels.attention import triton_fwd_tma as attn_fwd_tma  # noqa: E402
+from cocoa_kernels.attention import triton_fwd_ws as attn_fwd_ws  # noqa: E402
 from cocoa_kernels.losses import config as loss_config  # noqa: E402
 from cocoa_kernels.losses import triton_bwd as loss_bwd  # noqa: E402
 from cocoa_kernels.losses import triton_fwd as loss_fwd  # noqa: E402
@@ -83,6 +86,7 @@ class Case:
     block_m: int | None = None
     block_n: int | None = None
     key_loop: bool = False  # a three-loop attention kernel over key tiles (forward, dQ)
+    ws_loop: bool = False  # the warp-specialised full-tile pass: one key loop per consumer warp group
     gemm: bool = True  # a tensor-core kernel (the loss's live-list builder is not)
     # argument name -> (element type, block shape) of a host-side TMA tensor descriptor
     descriptors: dict = field(default_factory=dict)
@@ -148,6 +152,11 @@ def sass_loops(sass: str) -> list[list[str]]:
     branch back to an earlier label closes a loop. Self-branches (the trap after EXIT) are not loops,
     nor is a span with an EXIT in it: that is an out-of-line block placed after the kernel's end
     (a TMA barrier's retry spin) jumping back into the code it came from."""
+    return [body for _, body in _sass_loop_spans(sass)]
+
+
+def _sass_loop_spans(sass: str) -> list[tuple[tuple[int, int], list[str]]]:
+    """``sass_loops`` with each loop's [first, last + 1) instruction indices."""
     labels, instructions, loops = {}, [], []
     for line in sass.splitlines():
         label = _LABEL.match(line.strip())
@@ -162,8 +171,21 @@ def sass_loops(sass: str) -> list[list[str]]:
         if target and target.group(1) in labels and labels[target.group(1)] < len(instructions) - 1:
             body = instructions[labels[target.group(1)]:]
             if not any(ins.split()[-1] == "EXIT" for ins in body):
-                loops.append(body)
+                loops.append(((labels[target.group(1)], len(instructions)), body))
     return loops
+
+
+def consumer_loop_instructions_per_key(sass: str, block_n: int) -> float:
+    """SASS instructions (NOPs excluded) per key of the warp-specialised full-tile pass: its key
+    loop is emitted once per consumer warp group, so the innermost loops with tensor-core
+    instructions (a loop around the warp-group dispatch contains one of them) must be two; the
+    longer one counts."""
+    spans = [(span, body) for span, body in _sass_loop_spans(sass) if any("MMA" in ins for ins in body)]
+    inner = [body for span, body in spans
+             if not any(o != span and span[0] <= o[0] and o[1] <= span[1] for o, _ in spans)]
+    if len(inner) != 2:
+        raise RuntimeError(f"expected 2 consumer key loops in the warp-specialised SASS, found {len(inner)}")
+    return max(sum(1 for ins in body if not ins.split()[0].endswith("NOP")) for body in inner) / block_n
 
 
 def loop_instructions_per_key(sass: str, block_n: int) -> float:
@@ -196,12 +218,13 @@ def compile_case(case: Case, arch: str = "sm_90a") -> Report:
         log = subprocess.run([str(PTXAS), "-v", f"--gpu-name={arch}", src, "-o", src + ".cubin"],
                              capture_output=True, text=True, check=True).stderr
         per_key = None
-        if case.key_loop:
+        if case.key_loop or case.ws_loop:
             with open(src + ".triton.cubin", "wb") as f:  # the cubin Triton built and would launch
                 f.write(kernel.asm["cubin"])
             sass = subprocess.run([str(NVDISASM), "-c", src + ".triton.cubin"], capture_output=True, text=True,
                                   check=True).stdout
-            per_key = loop_instructions_per_key(sass, case.block_n)
+            count = consumer_loop_instructions_per_key if case.ws_loop else loop_instructions_per_key
+            per_key = count(sass, case.block_n)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     registers = re.search(r"Used (\d+) registers", log)
     return Report(
@@ -312,7 +335,8 @@ def loss_cases(dtype: str = "bf16") -> list[Case]:
 
 def tma_attention_cases(dtype: str = "bf16", arch: str = "sm_90a", head_dims=(64, 80, 96, 128)) -> list[Case]:
     """The Hopper forward through tensor descriptors (``triton_fwd_tma``), for each head dim with
-    its table's tiles: only on sm_90a and for 16-bit inputs, the only ones it runs."""
+    its table's tiles: only on sm_90a and for 16-bit inputs, the only ones it runs. Twice: the
+    one-pass kernel, and its edge pass after the warp-specialised full tiles (``FULL_DONE``)."""
     if arch != "sm_90a" or dtype == "fp32":
         return []
     cases = []
@@ -320,20 +344,46 @@ def tma_attention_cases(dtype: str = "bf16", arch: str = "sm_90a", head_dims=(64
         block_d = attn_config.block_d_for(D)
         k = attn_config.tma_fwd_config(block_d, on_gpu=True)
         q_block, kv_block = (dtype, [1, 1, k.block_m, block_d]), (dtype, [1, 1, k.block_n, block_d])
-        cases.append(Case(f"attention fwd tma {dtype} D={D} ({k.block_m}x{k.block_n}, w{k.num_warps})",
-                          attn_fwd_tma._attn_fwd_tma_kernel,
-                          {"Lse": "fp32", **{n: "i32" for n in ("Lo", "Hi", "Bounds", "Order")}},
+        for label, full_done in (("fwd tma", False), ("fwd tma edges", True)):
+            cases.append(Case(f"attention {label} {dtype} D={D} ({k.block_m}x{k.block_n}, w{k.num_warps})",
+                              attn_fwd_tma._attn_fwd_tma_kernel,
+                              {"Lse": "fp32", "Part": "fp32", "LsePart": "fp32",
+                               **{n: "i32" for n in ("Lo", "Hi", "Bounds", "Order")}},
+                              dict(BLOCK_M=k.block_m, BLOCK_N=k.block_n, BLOCK_D=block_d, DOT_PRECISION="tf32",
+                                   FULL_DONE=full_done),
+                              ("stride_pb", "stride_ph", "stride_pn", "D"), k.num_warps, k.num_stages,
+                              kernel=f"attention {label}", dtype=dtype, head_dim=D, block_m=k.block_m,
+                              block_n=k.block_n, key_loop=not full_done,
+                              descriptors={"desc_q": q_block, "desc_o": q_block, "desc_k": kv_block,
+                                           "desc_v": kv_block}))
+    return cases
+
+
+def tma_ws_attention_cases(dtype: str = "bf16", arch: str = "sm_90a", head_dims=(64, 80, 96, 128)) -> list[Case]:
+    """The warp-specialised full-tile pass (``triton_fwd_ws``, opt-in), for each head dim with its
+    table's launch: only on sm_90a and for 16-bit inputs, as the TMA forward."""
+    if arch != "sm_90a" or dtype == "fp32":
+        return []
+    cases = []
+    for D in head_dims:
+        block_d = attn_config.block_d_for(D)
+        k = attn_config.tma_ws_config(block_d, on_gpu=True)
+        q_block, kv_block = (dtype, [1, 1, k.block_m, block_d]), (dtype, [1, 1, k.block_n, block_d])
+        cases.append(Case(f"attention fwd tma ws {dtype} D={D} ({k.block_m}x{k.block_n}, w{k.num_warps})",
+                          attn_fwd_ws._attn_fwd_full_ws_kernel,
+                          {"Part": "fp32", "LsePart": "fp32", "Bounds": "i32", "Order": "i32"},
                           dict(BLOCK_M=k.block_m, BLOCK_N=k.block_n, BLOCK_D=block_d, DOT_PRECISION="tf32"),
-                          (), k.num_warps, k.num_stages, kernel="attention fwd tma", dtype=dtype, head_dim=D,
-                          block_m=k.block_m, block_n=k.block_n, key_loop=True,
-                          descriptors={"desc_q": q_block, "desc_o": q_block, "desc_k": kv_block, "desc_v": kv_block}))
+                          ("stride_pb", "stride_ph", "stride_pn", "D"), k.num_warps, k.num_stages,
+                          kernel="attention fwd tma ws", dtype=dtype, head_dim=D, block_m=k.block_m,
+                          block_n=k.block_n, ws_loop=True,
+                          descriptors={"desc_q": q_block, "desc_k": kv_block, "desc_v": kv_block}))
     return cases
 
 
 def all_cases(dtype: str, arch: str = "sm_90a") -> list[Case]:
     """The cases whose configs a GPU of ``arch`` runs (the attention table depends on it)."""
-    return (attention_cases(dtype, arch) + tma_attention_cases(dtype, arch) + fused_bwd_cases(dtype, arch)
-            + loss_cases(dtype))
+    return (attention_cases(dtype, arch) + tma_attention_cases(dtype, arch) + tma_ws_attention_cases(dtype, arch)
+            + fused_bwd_cases(dtype, arch) + loss_cases(dtype))
 
 
 def main(argv=None) -> int:

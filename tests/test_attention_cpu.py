@@ -221,6 +221,25 @@ def test_rows_that_see_nothing_get_zeros_and_infinite_lse(monkeypatch, plan):
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
 
 
+@pytest.mark.parametrize("plan", PLANS)
+def test_lse_is_token_major_and_infinite_on_empty_rows(monkeypatch, plan):
+    """out and lse come back token-major, the layout the op's fake kernel declares (the CPU
+    kernel's own: a single call covering the whole problem returns its results uncopied) and
+    reference.py's; padding rows get +inf in either path."""
+    monkeypatch.setattr(cpu, "plan", PLANS[plan])
+    seg = torch.stack([torch.zeros(40, dtype=torch.long), _segments(20, 13, pad=7)[0]])
+    mask = KeyRanges.from_segments(seg)
+    q, k, v, _ = make_qkv(2, 4, 2, 40, 16, torch.float32, "cpu", seed=14)
+    pieces, _, _ = cpu.planned(mask.lo, mask.hi, 4, 16, torch.float32)
+    if plan == "batched":  # one masked call over every row and key: the uncopied path
+        assert cpu._covers_all(pieces, 2, 40)
+    for impl in (cpu, reference):
+        out, lse = impl.attention_forward(q, k, v, mask.lo, mask.hi, 0.25)
+        assert out.transpose(1, 2).is_contiguous() and lse.transpose(1, 2).is_contiguous(), impl.__name__
+        assert torch.all(lse[1, :, 33:] == float("inf")) and torch.isfinite(lse[1, :, :33]).all(), impl.__name__
+        assert torch.isfinite(lse[0]).all() and torch.all(out[1, :, 33:] == 0), impl.__name__
+
+
 def test_a_mask_edited_in_place_is_planned_again():
     """The plan is reused for the same lo/hi tensors only while their version is unchanged."""
     mask = KeyRanges.from_segments(_segments(10, 10))

@@ -22,7 +22,7 @@ from bench import render, schema  # noqa: E402
 ATTENTION_IMPLS = ("cocoa", "flex_attention", "sdpa", "flash_attn")
 # Ours with one setting changed: rows on the main attention workloads (a note on the CPU: they
 # need CUDA), none in the sweep.
-ATTENTION_VARIANTS = ("cocoa_nondeterministic", "cocoa_pointer_fwd", "cocoa_autotuned")
+ATTENTION_VARIANTS = ("cocoa_nondeterministic", "cocoa_pointer_fwd", "cocoa_tma_ws", "cocoa_autotuned")
 LOSS_IMPLS = ("cocoa", "cocoa_filtered", "torch_compact", "torch_full", "liger", "cut_cross_entropy", "cut_cross_entropy_exact")
 E2E_IMPLS = ("cocoa_triton", "sdpa", "flex_attention", "cocoa_triton+lce")
 # Implementations that must produce figures on any CPU (the others may be absent or need CUDA).

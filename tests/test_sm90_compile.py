@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from sm90_compile import ARCHS, NVDISASM, PTXAS, all_cases, loop_instructions_per_key, sass_loops
+from sm90_compile import (
+    ARCHS, NVDISASM, PTXAS, all_cases, consumer_loop_instructions_per_key, loop_instructions_per_key, sass_loops,
+)
 
 # The attention table depends on the arch (Hopper's tiles spill on mma.sync), so each arch has
 # its own cases; a case of the same name on several archs compiles once for all of them.
@@ -49,7 +51,7 @@ def test_shipped_config_compiles_without_spills(case, arch):
     if case.gemm:
         assert report["mma"] > 0, f"no tensor-core dot: {row}"
         assert report["cp_async"] + report["tma_loads"] > 0, f"no asynchronous copies: {row}"
-    if case.key_loop:
+    if case.key_loop or case.ws_loop:
         # A full-tile key costs at least its share of the loop's tensor-core instructions.
         assert 0 < report["loop_instructions_per_key"] < 100, row
     else:
@@ -71,10 +73,28 @@ def test_tma_forward_loop_cost(case):
     assert report["loop_instructions_per_key"] <= 4.0, row
 
 
+WS_CASES = [c for c, arch in CASES if c.kernel == "attention fwd tma ws"]
+
+
+@pytest.mark.skipif(not (PTXAS.exists() and NVDISASM.exists()), reason="the triton wheel has no ptxas/nvdisasm here")
+@pytest.mark.parametrize("case", WS_CASES, ids=[_id(c, "sm_90a") for c in WS_CASES])
+def test_warp_specialised_full_tile_pass(case):
+    """The opt-in two-pass forward's first pass is what it is for: triton 3.6 did warp-specialise
+    it (producer and consumer warps trade registers), tiles arrive by TMA, no spills, and each
+    consumer's key loop stays within the one-pass kernel's 4.0 instructions per key."""
+    report = _reports(case.name)["sm_90a"]
+    row = f"{case.name}: {report}"
+    assert report["warp_specialized"], row
+    assert report["tma_loads"] > 0 and report["cp_async"] == 0 and report["spill_bytes"] == 0, row
+    assert report["loop_instructions_per_key"] <= 4.0, row
+
+
 def test_tma_forward_cases_cover_every_head_dim():
-    """Only Hopper runs the TMA forward, at every head dim the API takes."""
-    assert sorted(c.head_dim for c in TMA_CASES) == [64, 80, 96, 128]
-    assert {arch for c, arch in CASES if c.kernel == "attention fwd tma"} == {"sm_90a"}
+    """Only Hopper runs the TMA forward (one pass; edges after the warp-specialised full tiles;
+    the full tiles), at every head dim the API takes."""
+    for kernel in ("attention fwd tma", "attention fwd tma edges", "attention fwd tma ws"):
+        assert sorted(c.head_dim for c, _ in CASES if c.kernel == kernel) == [64, 80, 96, 128], kernel
+        assert {arch for c, arch in CASES if c.kernel == kernel} == {"sm_90a"}, kernel
 
 
 def _sass(*loop_bodies: list[str]) -> str:
@@ -120,3 +140,18 @@ def test_sass_loop_parser_skips_out_of_line_barrier_waits():
             + "\n        /*1030*/                   BRA `(.L_x_51) ;")
     assert [len(body) for body in sass_loops(sass)] == [5, 5, 5, 2]  # the spin is a loop, the span back is not
     assert loop_instructions_per_key(sass, block_n=2) == 4 / 2
+
+
+def test_consumer_loop_parser_takes_the_innermost_loops():
+    """The warp-specialised kernel's key loop appears once per consumer warp group; a loop around
+    the warp-group dispatch that contains one of them is not counted; the longer consumer counts."""
+    consumer = ["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ", "MUFU.EX2 R3, R3", "NOP"]
+    sass = _sass(consumer, consumer + ["FADD R3, R3, R4"])
+    assert consumer_loop_instructions_per_key(sass, block_n=2) == 4 / 2  # 3 + branch, NOP not counted
+    outer = sass.replace(".L_x_0:", ".L_x_7:\n.L_x_0:", 1).replace(
+        "        /*0ff0*/                   EXIT ;", "        /*0fe0*/              @P3 BRA `(.L_x_7) ;\n"
+        "        /*0ff0*/                   EXIT ;")
+    assert len(sass_loops(outer)) == len(sass_loops(sass)) + 1
+    assert consumer_loop_instructions_per_key(outer, block_n=2) == 4 / 2
+    with pytest.raises(RuntimeError, match="expected 2 consumer key loops"):
+        consumer_loop_instructions_per_key(_sass(consumer), block_n=2)

@@ -202,16 +202,32 @@ _GPU_16BIT_TMA = {
 }
 
 
-# Which forward runs where both could: "auto" (the TMA one where ``op._triton_forward`` takes it)
-# or "pointer" (the cp.async one everywhere, as on pre-Hopper GPUs). Benchmarks time the two side
-# by side; :func:`forward_path` sets it for a block.
-FORWARD_PATHS = ("auto", "pointer")
+# The full-tile pass of the warp-specialised Hopper forward (``triton_fwd_ws``, opt-in through
+# ``forward_path("tma_ws")``): its only loop is the unmasked one, which triton 3.6 warp-specialises
+# at 4 warps (a TMA producer warp and two consumer warp groups of 64 rows; at 8 warps, or with the
+# masked loops in the same kernel, it does not). Same 128x128 tiles as the TMA forward, whose
+# kernel then runs the masked edges and merges. D = 128: 168 registers, 224 of the 227 KiB of
+# shared memory with 2 stages, 3.52 SASS instructions per key per consumer warp (3.84 unspecialised);
+# D = 64: 3 stages (tests/sm90_compile.py).
+_GPU_16BIT_TMA_WS = {
+    64: KernelConfig(128, 128, num_warps=4, num_stages=3),
+    128: KernelConfig(128, 128, num_warps=4, num_stages=2),
+}
+
+
+# Which forward runs where several could: "auto" (the TMA one where ``op._triton_forward`` takes
+# it, else the pointer one), "pointer" (the cp.async one everywhere, as on pre-Hopper GPUs) or
+# "tma_ws" (where auto would take the TMA forward: its full tiles in a warp-specialised pass, the
+# masked edges in a second, merged; elsewhere as auto). Not measured on a GPU yet, hence opt-in.
+# Benchmarks time them side by side; :func:`forward_path` sets it for a block.
+FORWARD_PATHS = ("auto", "pointer", "tma_ws")
 _forward_path: Pinned[str] = Pinned()
 
 
 def forward_path(path: str):
     """``with forward_path("pointer"):`` runs every Triton forward in the block on the pointer
-    kernel; ``"auto"`` restores the automatic choice."""
+    kernel, ``"tma_ws"`` on the warp-specialised TMA forward where the TMA forward applies;
+    ``"auto"`` restores the automatic choice."""
     if path not in FORWARD_PATHS:
         raise ValueError(f"forward_path: path must be one of {FORWARD_PATHS}, got {path!r}")
     return _forward_path.use(path)
@@ -229,6 +245,17 @@ def tma_fwd_config(block_d: int, on_gpu: bool) -> KernelConfig:
     if not on_gpu:
         return _INTERPRETER.fwd
     return _GPU_16BIT_TMA[64 if block_d <= 64 else 128]
+
+
+def tma_ws_config(block_d: int, on_gpu: bool) -> KernelConfig:
+    """Tiles and launch of the warp-specialised full-tile pass: a pinned config's ``fwd`` (tests),
+    the interpreter's small tiles off the GPU, else ``_GPU_16BIT_TMA_WS``. Its tiles must be those
+    of :func:`tma_fwd_config` (the two passes share the tile bounds)."""
+    if _pinned.config is not None:
+        return _pinned.config.fwd
+    if not on_gpu:
+        return _INTERPRETER.fwd
+    return _GPU_16BIT_TMA_WS[64 if block_d <= 64 else 128]
 
 
 # Pin every launch inside a ``with use_config(config):`` block to ``config`` (for tests and tuning).

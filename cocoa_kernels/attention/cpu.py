@@ -253,11 +253,12 @@ def _plan_key(lo: torch.Tensor, hi: torch.Tensor, *extra):
 
 
 def planned(lo: torch.Tensor, hi: torch.Tensor, Hq: int, D: int, dtype: torch.dtype):
-    """``plan``, the pieces' masks (None where built on use) and the (B, 1, N) rows that see
-    nothing (None if there are none). The backward gets the very tensors ``lo``/``hi`` its
-    forward got, so it reuses the forward's plan (and its masks, when small), and so does every
-    layer of a model that shares one mask: the key is their identity and version counter, so a
-    mask edited in place in between is planned again."""
+    """``plan``, the pieces' masks (None where built on use) and the flat indices of the rows
+    that see nothing in a token-major (B, N, Hq) log-sum-exp (None if there are none). The
+    backward gets the very tensors ``lo``/``hi`` its forward got, so it reuses the forward's plan
+    (and its masks, when small), and so does every layer of a model that shares one mask: the
+    key is their identity and version counter, so a mask edited in place in between is planned
+    again."""
     key = _plan_key(lo, hi, Hq, D, dtype)
     last = _last_plan[0]
     if key is not None and last is not None:
@@ -267,8 +268,11 @@ def planned(lo: torch.Tensor, hi: torch.Tensor, Hq: int, D: int, dtype: torch.dt
     pieces = plan(lo, hi, Hq, D)
     masked = sum(_pairs(p) for p in pieces if p.kind == "masked")
     masks = [_mask(p, lo, hi, dtype) for p in pieces] if masked <= _CACHED_MASK_ELEMENTS else [None] * len(pieces)
-    empty = (lo >= hi)[:, None, :]
-    result = pieces, masks, (empty if bool(empty.any()) else None)
+    empty_rows = (lo >= hi).reshape(-1).nonzero().squeeze(1)  # b * N + n
+    empty = None
+    if empty_rows.numel():
+        empty = (empty_rows[:, None] * Hq + torch.arange(Hq, device=lo.device)).reshape(-1)
+    result = pieces, masks, empty
     _last_plan[0] = None if key is None else (key, result)
     return result
 
@@ -305,31 +309,39 @@ def _covers_all(pieces: list[Piece], B: int, N: int) -> bool:
     return len(pieces) == 1 and tuple(pieces[0][:6]) == (0, B, 0, N, 0, N)
 
 
+def _token_major_lse(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` (B, H, N) stored as (B, N, H), the layout the kernel returns (copied only if not)."""
+    if lse.transpose(1, 2).is_contiguous():
+        return lse
+    return lse.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def attention_forward(q, k, v, lo, hi, scale: float):
-    """Returns ``out`` (B, Hq, N, D) in q's dtype (token-major in memory) and ``lse`` (B, Hq, N),
-    natural log, float32 (float64 for float64 inputs); rows that see nothing get 0 and +inf."""
+    """Returns ``out`` (B, Hq, N, D) in q's dtype and ``lse`` (B, Hq, N), natural log, float32
+    (float64 for float64 inputs), both token-major in memory (the kernel's own layouts, so a
+    single call's results are returned as they are); rows that see nothing get 0 and +inf."""
     B, Hq, N, D = q.shape
     in_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     q, k, v = (t.to(dtype) for t in (q, k, v))  # no copy unless the inputs are fp16/bf16
     pieces, masks, empty = planned(lo, hi, Hq, D, dtype)
-    out = lse = None
-    if not _covers_all(pieces, B, N):
+    if _covers_all(pieces, B, N):  # the tiny demo's shapes: no slicing, no copies
+        mask = _mask(pieces[0], lo, hi, dtype) if masks[0] is None else masks[0]
+        o, lse = _flash_fwd(q, k, v, 0.0, pieces[0].kind == "causal", attn_mask=mask, scale=scale)
+        out, lse = _token_major(o.to(in_dtype)), _token_major_lse(lse)
+    else:
         out = torch.zeros(B, N, Hq, D, dtype=in_dtype, device=q.device).transpose(1, 2)
-        lse = torch.full((B, Hq, N), math.inf, dtype=lse_dtype(dtype), device=q.device)
-    for p, mask in zip(pieces, masks):
-        (qp,) = _views(p, q)
-        kp, vp = _key_views(p, k, v)
-        mask = _mask(p, lo, hi, dtype) if mask is None else mask
-        o, l = _flash_fwd(qp, kp, vp, 0.0, p.kind == "causal", attn_mask=mask, scale=scale)
-        if out is None:
-            out, lse = _token_major(o.to(in_dtype)), l.contiguous()
-        else:
+        lse = torch.full((B, N, Hq), math.inf, dtype=lse_dtype(dtype), device=q.device).transpose(1, 2)
+        for p, mask in zip(pieces, masks):
+            (qp,) = _views(p, q)
+            kp, vp = _key_views(p, k, v)
+            mask = _mask(p, lo, hi, dtype) if mask is None else mask
+            o, l = _flash_fwd(qp, kp, vp, 0.0, p.kind == "causal", attn_mask=mask, scale=scale)
             out[p.b0 : p.b1, :, p.r0 : p.r1] = o
             lse[p.b0 : p.b1, :, p.r0 : p.r1] = l
     # Masked chunks may hold rows that see nothing: the kernel outputs 0 there (which
     # tests/test_attention_cpu.py holds it to) but a log-sum-exp of 0, and the contract wants +inf.
     if empty is not None:
-        lse.masked_fill_(empty, math.inf)
+        lse.transpose(1, 2).view(-1).index_fill_(0, empty, math.inf)
     return out, lse
 
 
@@ -344,20 +356,18 @@ def attention_backward(do, q, k, v, out, lse, lo, hi, scale: float):
     do = _token_major(do)
     lse = lse.to(lse_dtype(dtype))
     pieces, masks, _ = planned(lo, hi, Hq, D, dtype)
-    grads = None
-    if not _covers_all(pieces, B, N):
-        # Token-major like the kernel's gradients, so that every write below is a plain copy.
-        grads = [torch.zeros_like(_token_major(t)) for t in (q, k, v)]
+    if _covers_all(pieces, B, N):
+        mask = _mask(pieces[0], lo, hi, dtype) if masks[0] is None else masks[0]
+        grads = _flash_bwd(do, q, k, v, out, lse, 0.0, pieces[0].kind == "causal", attn_mask=mask, scale=scale)
+        return tuple(g.to(t) for g, t in zip(grads, in_dtypes))
+    # Token-major like the kernel's gradients, so that every write below is a plain copy.
+    grads = [torch.zeros_like(_token_major(t)) for t in (q, k, v)]
     for p, mask in zip(pieces, masks):
-        qp, dop, op = _views(p, q, do, out)
+        qp, dop, op, lp = _views(p, q, do, out, lse)
         kp, vp = _key_views(p, k, v)
-        lp = lse[p.b0 : p.b1, :, p.r0 : p.r1].contiguous()
         mask = _mask(p, lo, hi, dtype) if mask is None else mask
         gq, gk, gv = _flash_bwd(dop, qp, kp, vp, op, lp, 0.0, p.kind == "causal", attn_mask=mask, scale=scale)
-        if grads is None:
-            grads = [gq, gk, gv]
-        else:
-            grads[0][p.b0 : p.b1, :, p.r0 : p.r1] = gq
-            grads[1][p.b0 : p.b1, :, p.k0 : p.k1] += gk
-            grads[2][p.b0 : p.b1, :, p.k0 : p.k1] += gv
+        grads[0][p.b0 : p.b1, :, p.r0 : p.r1] = gq
+        grads[1][p.b0 : p.b1, :, p.k0 : p.k1] += gk
+        grads[2][p.b0 : p.b1, :, p.k0 : p.k1] += gv
     return tuple(g.to(t) for g, t in zip(grads, in_dtypes))

@@ -26,7 +26,7 @@ import torch
 
 from .._autocast import autocast_off
 from . import autotune, cpu, reference
-from .config import block_d_for, pick_config
+from .config import block_d_for, current_forward_path, pick_config, tma_ws_config
 
 
 def _torch_impl(q: torch.Tensor):
@@ -44,13 +44,19 @@ def _forward(q, k, v, lo, hi, scale: float, impl: str):
 
 def _triton_forward(q, k, v, lo, hi, scale: float):
     """The TMA forward where it applies (``triton_fwd_tma.tma_forward_tiles``: a Hopper GPU,
-    16-bit inputs with strides a tensor descriptor takes, a grid long enough to run unsplit), else
+    16-bit inputs with strides a tensor descriptor takes, a grid long enough to run unsplit; in
+    two passes, ``triton_fwd_ws``, under ``config.forward_path("tma_ws")``), else
     the pointer forward, with the autotuned tiles when tuning is on (the TMA forward keeps its
     table)."""
     from . import triton_fwd, triton_fwd_tma
 
     tiles = triton_fwd_tma.tma_forward_tiles(q, k, v, lo)
     if tiles is not None:
+        if current_forward_path() == "tma_ws":  # opt-in: full tiles warp-specialised, then the edges
+            from .triton_fwd_ws import attention_fwd_tma_ws
+
+            full_tiles = tma_ws_config(block_d_for(q.shape[-1]), on_gpu=True)
+            return attention_fwd_tma_ws(q, k, v, lo, hi, scale, tiles, full_tiles)
         return triton_fwd_tma.attention_fwd_tma(q, k, v, lo, hi, scale, tiles)
     cfg = pick_config(block_d_for(q.shape[-1]), q.element_size(), on_gpu=q.is_cuda)
     cfg = autotune.tuned_forward(cfg, q, k, v, lo, hi, scale)
@@ -92,8 +98,9 @@ def attention_fwd(
 def _(q, k, v, lo, hi, scale, impl, deterministic=True):
     B, Hq, N, D = q.shape
     out = q.new_empty(B, N, Hq, D).transpose(1, 2)
-    lse_dtype = reference.lse_dtype(q.dtype) if impl == "torch" else torch.float32
-    return out, q.new_empty(B, Hq, N, dtype=lse_dtype)
+    if impl == "torch":  # token-major, the CPU flash kernel's own layout (reference.py follows it)
+        return out, q.new_empty(B, N, Hq, dtype=reference.lse_dtype(q.dtype)).transpose(1, 2)
+    return out, q.new_empty(B, Hq, N, dtype=torch.float32)
 
 
 @torch.library.custom_op("cocoa::attention_bwd", mutates_args=())

@@ -61,14 +61,15 @@ def _scores(q, k, lo, hi, rows: slice, keys: slice, scale: float, dtype):
 
 def attention_forward(q, k, v, lo, hi, scale: float):
     """Returns ``out`` (B, Hq, N, D) in q's dtype and ``lse`` (B, Hq, N), natural log, float32
-    (float64 for float64 inputs, see ``lse_dtype``).
+    (float64 for float64 inputs, see ``lse_dtype``), both token-major in memory.
 
     Rows that see no key get ``out = 0`` and ``lse = +inf``.
     """
     B, Hq, N, D = q.shape
     dtype = _compute_dtype(q.dtype)
     out = torch.zeros(B, N, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.full((B, Hq, N), math.inf, dtype=lse_dtype(q.dtype), device=q.device)
+    # Token-major like out (and like cpu.py's, which takes it as the CPU kernel returns it).
+    lse = torch.full((B, N, Hq), math.inf, dtype=lse_dtype(q.dtype), device=q.device).transpose(1, 2)
     for rows, keys in _chunks(lo, hi, B, Hq):
         s, vis = _scores(q, k, lo, hi, rows, keys, scale, dtype)
         active = vis.any(-1)[:, None, None, :, None]  # (B, 1, 1, R, 1)

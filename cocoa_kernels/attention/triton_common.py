@@ -104,16 +104,27 @@ class TileSchedule:
         return self.order.numel()
 
 
+# Which of a tile's three loops (masked edge, full tiles, masked edge) a kernel runs: all of them,
+# or (the warp-specialised forward's two passes, ``triton_fwd_ws``) the middle one or the edges.
+_LOOPS = {"all": (0, 1, 2), "full": (1,), "edges": (0, 2)}
+
+
 def tile_schedule(bounds: torch.Tensor, step: int, copies_per_batch: int, iterations_per_step: int = 1,
-                  loop_splits: int = 1) -> TileSchedule:
+                  loop_splits: int = 1, loops: str = "all") -> TileSchedule:
     """The schedule of a kernel whose programs walk ``bounds`` in loops of ``step``: every tile is
     repeated for ``copies_per_batch`` (heads, head splits) of its batch row, split into
     ``loop_splits`` pieces of its loop iterations, and costs ``iterations_per_step`` loop bodies
-    per step (the heads a dK/dV program loops over)."""
+    per step (the heads a dK/dV program loops over). ``loops``: "all" three loops, or only the
+    "full" (middle) one or the masked "edges", for a pass that runs just those."""
     if loop_splits < 1:
         raise ValueError(f"loop_splits must be >= 1, got {loop_splits}")
+    if loops not in _LOOPS or (loops != "all" and loop_splits != 1):
+        raise ValueError(f"loops must be one of {tuple(_LOOPS)} (only 'all' with loop_splits > 1), got {loops!r}")
     B, tiles, _ = bounds.shape
-    n = tile_loop_iterations(bounds, step)  # (B, tiles)
+    if loops == "all":
+        n = tile_loop_iterations(bounds, step)  # (B, tiles)
+    else:
+        n = sum(tile_loop_iterations(bounds[..., i : i + 2], step) for i in _LOOPS[loops])
     s = torch.arange(loop_splits, device=bounds.device)[None, :, None]
     pieces = (s + 1) * n[:, None, :] // loop_splits - s * n[:, None, :] // loop_splits  # as loop_piece splits
     per_program = pieces * iterations_per_step  # (B, loop_splits, tiles)
