@@ -57,6 +57,7 @@ def _eligible(t, device: torch.device) -> bool:
 
 def autocast_off(device: torch.device):
     """A context in which no enclosing autocast region recasts the ops' internal arithmetic."""
-    if not torch.amp.is_autocast_available(device.type):
+    # Nothing to switch off outside a region (most calls): skip torch.autocast's enter/exit.
+    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
