@@ -334,55 +334,39 @@ def loss_cases(dtype: str = "bf16") -> list[Case]:
 
 
 def tma_attention_cases(dtype: str = "bf16", arch: str = "sm_90a", head_dims=(64, 80, 96, 128)) -> list[Case]:
-    """The Hopper forward through tensor descriptors (``triton_fwd_tma``), for each head dim with
-    its table's tiles: only on sm_90a and for 16-bit inputs, the only ones it runs. Twice: the
-    one-pass kernel, and its edge pass after the warp-specialised full tiles (``FULL_DONE``)."""
+    """The Hopper forward through tensor descriptors, for each head dim with its table's tiles:
+    only on sm_90a and for 16-bit inputs, the only ones it runs. Three kernels: the one-pass
+    ``triton_fwd_tma`` kernel, and the opt-in two-pass forward's warp-specialised full-tile pass
+    (``triton_fwd_ws``) and edge pass (the one-pass kernel with ``FULL_DONE``)."""
     if arch != "sm_90a" or dtype == "fp32":
         return []
+    kernel_args = {"Lse": "fp32", "Part": "fp32", "LsePart": "fp32",
+                   **{n: "i32" for n in ("Lo", "Hi", "Bounds", "Order")}}
+    kernels = (  # label, kernel, its tile table, extra constexprs, the loop measured per key
+        ("fwd tma", attn_fwd_tma._attn_fwd_tma_kernel, attn_config.tma_fwd_config, {"FULL_DONE": False}, "key"),
+        ("fwd tma edges", attn_fwd_tma._attn_fwd_tma_kernel, attn_config.tma_fwd_config, {"FULL_DONE": True}, None),
+        ("fwd tma ws", attn_fwd_ws._attn_fwd_full_ws_kernel, attn_config.tma_ws_config, {}, "ws"),
+    )
     cases = []
     for D in head_dims:
         block_d = attn_config.block_d_for(D)
-        k = attn_config.tma_fwd_config(block_d, on_gpu=True)
-        q_block, kv_block = (dtype, [1, 1, k.block_m, block_d]), (dtype, [1, 1, k.block_n, block_d])
-        for label, full_done in (("fwd tma", False), ("fwd tma edges", True)):
-            cases.append(Case(f"attention {label} {dtype} D={D} ({k.block_m}x{k.block_n}, w{k.num_warps})",
-                              attn_fwd_tma._attn_fwd_tma_kernel,
-                              {"Lse": "fp32", "Part": "fp32", "LsePart": "fp32",
-                               **{n: "i32" for n in ("Lo", "Hi", "Bounds", "Order")}},
-                              dict(BLOCK_M=k.block_m, BLOCK_N=k.block_n, BLOCK_D=block_d, DOT_PRECISION="tf32",
-                                   FULL_DONE=full_done),
+        for label, fn, table, flags, loop in kernels:
+            k = table(block_d, on_gpu=True)
+            q_block, kv_block = (dtype, [1, 1, k.block_m, block_d]), (dtype, [1, 1, k.block_n, block_d])
+            descriptors = {"desc_q": q_block, "desc_o": q_block, "desc_k": kv_block, "desc_v": kv_block}
+            cases.append(Case(f"attention {label} {dtype} D={D} ({k.block_m}x{k.block_n}, w{k.num_warps})", fn,
+                              {n: t for n, t in kernel_args.items() if n in fn.arg_names},
+                              dict(flags, BLOCK_M=k.block_m, BLOCK_N=k.block_n, BLOCK_D=block_d, DOT_PRECISION="tf32"),
                               ("stride_pb", "stride_ph", "stride_pn", "D"), k.num_warps, k.num_stages,
                               kernel=f"attention {label}", dtype=dtype, head_dim=D, block_m=k.block_m,
-                              block_n=k.block_n, key_loop=not full_done,
-                              descriptors={"desc_q": q_block, "desc_o": q_block, "desc_k": kv_block,
-                                           "desc_v": kv_block}))
-    return cases
-
-
-def tma_ws_attention_cases(dtype: str = "bf16", arch: str = "sm_90a", head_dims=(64, 80, 96, 128)) -> list[Case]:
-    """The warp-specialised full-tile pass (``triton_fwd_ws``, opt-in), for each head dim with its
-    table's launch: only on sm_90a and for 16-bit inputs, as the TMA forward."""
-    if arch != "sm_90a" or dtype == "fp32":
-        return []
-    cases = []
-    for D in head_dims:
-        block_d = attn_config.block_d_for(D)
-        k = attn_config.tma_ws_config(block_d, on_gpu=True)
-        q_block, kv_block = (dtype, [1, 1, k.block_m, block_d]), (dtype, [1, 1, k.block_n, block_d])
-        cases.append(Case(f"attention fwd tma ws {dtype} D={D} ({k.block_m}x{k.block_n}, w{k.num_warps})",
-                          attn_fwd_ws._attn_fwd_full_ws_kernel,
-                          {"Part": "fp32", "LsePart": "fp32", "Bounds": "i32", "Order": "i32"},
-                          dict(BLOCK_M=k.block_m, BLOCK_N=k.block_n, BLOCK_D=block_d, DOT_PRECISION="tf32"),
-                          ("stride_pb", "stride_ph", "stride_pn", "D"), k.num_warps, k.num_stages,
-                          kernel="attention fwd tma ws", dtype=dtype, head_dim=D, block_m=k.block_m,
-                          block_n=k.block_n, ws_loop=True,
-                          descriptors={"desc_q": q_block, "desc_k": kv_block, "desc_v": kv_block}))
+                              block_n=k.block_n, key_loop=loop == "key", ws_loop=loop == "ws",
+                              descriptors={n: d for n, d in descriptors.items() if n in fn.arg_names}))
     return cases
 
 
 def all_cases(dtype: str, arch: str = "sm_90a") -> list[Case]:
     """The cases whose configs a GPU of ``arch`` runs (the attention table depends on it)."""
-    return (attention_cases(dtype, arch) + tma_attention_cases(dtype, arch) + tma_ws_attention_cases(dtype, arch)
+    return (attention_cases(dtype, arch) + tma_attention_cases(dtype, arch)
             + fused_bwd_cases(dtype, arch) + loss_cases(dtype))
 
 
