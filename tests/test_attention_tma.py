@@ -25,6 +25,7 @@ from cocoa_kernels.attention.config import KernelConfig, forward_path, tma_fwd_c
 from cocoa_kernels.attention.triton_common import LOG2E
 from cocoa_kernels.attention.triton_fwd_tma import attention_fwd_tma, tma_forward_supported
 from cocoa_kernels.attention.triton_fwd_ws import attention_fwd_tma_ws
+from cocoa_kernels.mask import query_tile_bounds
 
 HOPPER = DEVICE.type == "cuda" and torch.cuda.get_device_capability() >= (9, 0)
 if DEVICE.type == "cuda" and not HOPPER:
@@ -210,8 +211,13 @@ def test_two_pass_merges_the_full_tiles(monkeypatch, kind, dtype, cfg):
     q, k, v, _ = make_qkv(2, 4, 2, 130, 64, dtype, DEVICE, seed=31)
     check_forward(q, k, v, mask, cfg=cfg, launcher="two_pass_ws")
     (part, lse_part), = seen
-    assert torch.isfinite(lse_part).float().mean() > 0.3, "the full-tile pass ran on too few rows to test the merge"
-    assert torch.isfinite(part).all(), "every tile's partial must be written (zeros where it saw nothing)"
+    # Rows of tiles with full key tiles have a written (finite) partial; the others' stay poisoned.
+    bounds = query_tile_bounds(mask.lo.int(), mask.effective_hi().int(), cfg.block_m, cfg.block_n).cpu()
+    rows_full = (bounds[..., 2] > bounds[..., 1]).repeat_interleave(cfg.block_m, dim=1)[:, None, :130]
+    written = torch.isfinite(lse_part.cpu())
+    assert torch.equal(written, rows_full.expand_as(written)), "the partial is written exactly on tiles with full key tiles"
+    assert rows_full.float().mean() > 0.3, "the full-tile pass ran on too few rows to test the merge"
+    assert torch.isfinite(part.cpu()[written]).all()
 
 
 def test_two_pass_head_dim_80():
@@ -258,19 +264,31 @@ def test_shipped_two_pass_tiles_agree(D):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="the shipped 128x128 tiles compile for a Hopper GPU")
-@pytest.mark.parametrize("D", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("D", [64, 96, 128], ids=lambda d: f"d{d}")
 def test_shipped_tiles_match_pointer_forward(D):
     """The tables' tiles, compiled: the same output and lse as the pointer forward, in one pass and in
-    two (the warp-specialised full-tile pass, then the edges), 3k tokens."""
-    mask = make_mask("eos_bridge", 2, 3000, seed=29).to(DEVICE)
+    two (the warp-specialised full-tile pass, then the edges), 3k tokens. Row 0 a bridge of long
+    samples (tiles with full key tiles: the specialised loop runs), row 1 the packed families'
+    40-token samples (none at 128x128: it runs zero times)."""
+    seg = torch.tensor([0] * 1100 + [1] * 900 + [2] * 1000)
+    is_target = torch.zeros(3000, dtype=torch.bool)
+    for start, length in ((0, 1100), (1100, 900), (2000, 1000)):
+        is_target[start + 3 * length // 4 : start + length] = True
+    long_rows = KeyRanges.eos_bridge(seg[None], is_target[None])
+    packed = make_mask("eos_bridge", 1, 3000, seed=29)
+    mask = KeyRanges(torch.cat([long_rows.lo, packed.lo]), torch.cat([long_rows.effective_hi(), packed.effective_hi()]))
+    mask = mask.to(DEVICE)
     q, k, v, _ = make_qkv(2, 4, 2, 3000, D, torch.bfloat16, DEVICE, seed=29)
     lo, hi = mask.lo.int().contiguous(), mask.effective_hi().int().contiguous()
     out, lse = attention_fwd_tma(q, k, v, lo, hi, D**-0.5, tma_fwd_config(D, on_gpu=True))
     ref_out, ref_lse = triton_fwd.attention_fwd(q, k, v, lo, hi, D**-0.5, KernelConfig(128, 64, 8, 3))
     torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
-    ws_out, ws_lse = attention_fwd_tma_ws(q, k, v, lo, hi, D**-0.5, tma_fwd_config(D, on_gpu=True),
-                                          tma_ws_config(D, on_gpu=True))
+    tiles = tma_fwd_config(D, on_gpu=True)
+    bounds = query_tile_bounds(lo, hi, tiles.block_m, tiles.block_n)
+    has_full = bounds[..., 2] > bounds[..., 1]
+    assert has_full.any() and not has_full.all(), "both kinds of tile: a specialised loop that runs, one that does not"
+    ws_out, ws_lse = attention_fwd_tma_ws(q, k, v, lo, hi, D**-0.5, tiles, tma_ws_config(D, on_gpu=True))
     torch.testing.assert_close(ws_out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(ws_lse, ref_lse, atol=1e-4, rtol=1e-5)
 

@@ -10,6 +10,7 @@ class; the tables stay the default, the fallback, and the first candidate.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -248,11 +249,12 @@ def tma_fwd_config(block_d: int, on_gpu: bool) -> KernelConfig:
 
 
 def tma_ws_config(block_d: int, on_gpu: bool) -> KernelConfig:
-    """Tiles and launch of the warp-specialised full-tile pass: a pinned config's ``fwd`` (tests),
-    the interpreter's small tiles off the GPU, else ``_GPU_16BIT_TMA_WS``. Its tiles must be those
-    of :func:`tma_fwd_config` (the two passes share the tile bounds)."""
+    """Tiles and launch of the warp-specialised full-tile pass: a pinned config's ``fwd`` tiles
+    (tests) at 4 warps (at 8, triton 3.6 drops the specialisation without a word), the
+    interpreter's small tiles off the GPU, else ``_GPU_16BIT_TMA_WS``. Its tiles must be those of
+    :func:`tma_fwd_config` (the two passes share the tile bounds)."""
     if _pinned.config is not None:
-        return _pinned.config.fwd
+        return dataclasses.replace(_pinned.config.fwd, num_warps=4)
     if not on_gpu:
         return _INTERPRETER.fwd
     return _GPU_16BIT_TMA_WS[64 if block_d <= 64 else 128]

@@ -81,8 +81,9 @@ def _attn_fwd_tma_kernel(
     heavy-first tile of each program.
     FULL_DONE: the full-tile loop already ran in ``triton_fwd_ws``'s warp-specialised pass, which
     left Part (B, H_Q, N, D) fp32, last stride 1, normalised by its own sum, and LsePart (B, H_Q, N)
-    fp32 in the same log2 units, -inf where it saw nothing: this kernel runs the two masked edge
-    loops only and merges that partial into its result. Otherwise Part and LsePart are unused."""
+    fp32 in the same log2 units, for the tiles that have full key tiles (the others are not
+    written): this kernel runs the two masked edge loops only and merges that partial into its
+    result. Otherwise Part and LsePart are unused."""
     num_tiles = tl.cdiv(N, BLOCK_M)
     pid_m, pid_bh = scheduled_tile(Order, num_tiles)
     b = pid_bh // H_Q
@@ -114,11 +115,13 @@ def _attn_fwd_tma_kernel(
     if FULL_DONE:
         # Merge the full tiles' partial as one more step of the online softmax: its lse is the
         # running max and log-sum of those tiles in the same units, its rows their normalised output.
+        # A tile without full key tiles has no partial (the pass wrote none): nothing is read.
+        has_full = full_start < full_end
         offs_d = tl.arange(0, BLOCK_D)
         part_ptrs = (Part + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
                      + offs_m[:, None].to(tl.int64) * stride_pn + offs_d[None, :])
-        o_full = tl.load(part_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        lse_full = tl.load(LsePart + lse_rows, mask=row_ok, other=float("-inf"))
+        o_full = tl.load(part_ptrs, mask=has_full & row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        lse_full = tl.load(LsePart + lse_rows, mask=has_full & row_ok, other=float("-inf"))
         m_new = tl.maximum(m_i, lse_full)
         alpha = tl.math.exp2(m_i - m_new)
         w_full = tl.math.exp2(lse_full - m_new)  # 0 where the pass saw nothing (lse -inf, m finite)

@@ -15,11 +15,14 @@ the same tiles and bounds (``mask.query_tile_bounds``):
    forward writes them.
 
 Each pass takes its tiles heaviest first by its own loop's work (``tile_schedule(loops=...)``).
-The partial costs one fp32 write and read of (B, Hq, N, D), about 1% of a 16k-token forward's
-time at H200 bandwidth. Whether the overlap pays for that and for the second launch is a GPU
-question still open (the full-tile loop is 3.52 SASS instructions per key per consumer warp here
-against 3.84 in the one-pass TMA kernel, ``tests/sm90_compile.py``), so the one-pass kernel stays
-the default.
+The partial costs an fp32 (B, Hq, N, D) buffer while the forward runs (4 bytes per element: 0.8
+GB at 128k tokens and 12 heads) and 8 bytes of traffic per element of the tiles that have full key
+tiles (written once, read once in the edge pass's epilogue, where nothing overlaps it): ~200 MB at
+16k tokens and 12 heads, a few percent of that forward's time at H200 bandwidth, relatively more
+for masks with few full tiles (short segments, the bridge's block B). Whether the overlap pays for
+that and for the second launch is a GPU question still open (the full-tile loop is 3.52 SASS
+instructions per key per consumer warp here against 3.84 in the one-pass TMA kernel,
+``tests/sm90_compile.py``), so the one-pass kernel stays the default.
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ def _attn_fwd_full_ws_kernel(
     """desc_q: (B, H_Q, N, D) with blocks [1, 1, BLOCK_M, BLOCK_D]; desc_k, desc_v: (B, H_Q // GROUP,
     N, D) with blocks [1, 1, BLOCK_N, BLOCK_D]. Part: (B, H_Q, N, D) fp32, last stride 1; LsePart:
     (B, H_Q, N) fp32 contiguous. Bounds from ``mask.query_tile_bounds``; Order the heavy-first tile
-    (by full-tile iterations) of each program. Every tile is written, those without full key tiles
-    as zeros with lse -inf: the edge pass reads every tile's partial.
+    (by full-tile iterations) of each program. Tiles without full key tiles write nothing (their
+    store is masked off) and the edge pass reads nothing for them.
 
-    No early exit and no masks inside the loop: either keeps triton 3.6 from warp-specialising it.
+    No early exit and no masks inside the loop: either keeps triton 3.6 from warp-specialising it
+    (so a tile without full key tiles still loads its Q and runs an empty loop).
     Rows that see nothing run through the loop too; the edge pass writes them as zeros."""
     num_tiles = tl.cdiv(N, BLOCK_M)
     pid_m, pid_bh = scheduled_tile(Order, num_tiles)
@@ -80,8 +84,9 @@ def _attn_fwd_full_ws_kernel(
     # whole tile does not type-check after the split.
     part_ptrs = (Part + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
                  + offs_m[:, None].to(tl.int64) * stride_pn + offs_d[None, :])
-    tl.store(part_ptrs, out, mask=row_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(LsePart + (b.to(tl.int64) * H_Q + h) * N + offs_m, lse, mask=row_ok)
+    has_full = full_start < full_end
+    tl.store(part_ptrs, out, mask=has_full & row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(LsePart + (b.to(tl.int64) * H_Q + h) * N + offs_m, lse, mask=has_full & row_ok)
 
 
 def attention_fwd_tma_ws(q, k, v, lo, hi, scale: float, cfg: KernelConfig, full_cfg: KernelConfig):
