@@ -298,7 +298,8 @@ def _mask(p: Piece, lo, hi, dtype):
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (B, H, N, D) stored as (B, N, H, D), copied only if it is not already."""
+    """``t`` (B, H, N, D) stored as (B, N, H, D), or a (B, H, N) lse as (B, N, H): the kernel's own
+    layouts, copied only if it is not already."""
     if t.transpose(1, 2).is_contiguous():
         return t
     return t.transpose(1, 2).contiguous().transpose(1, 2)
@@ -315,13 +316,6 @@ def _covers_all(pieces: list[Piece], B: int, N: int) -> bool:
     return len(pieces) == 1 and tuple(pieces[0][:6]) == (0, B, 0, N, 0, N)
 
 
-def _token_major_lse(lse: torch.Tensor) -> torch.Tensor:
-    """``lse`` (B, H, N) stored as (B, N, H), the layout the kernel returns (copied only if not)."""
-    if lse.transpose(1, 2).is_contiguous():
-        return lse
-    return lse.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def attention_forward(q, k, v, lo, hi, scale: float):
     """Returns ``out`` (B, Hq, N, D) in q's dtype and ``lse`` (B, Hq, N), natural log, float32
     (float64 for float64 inputs), both token-major in memory (the kernel's own layouts, so a
@@ -333,7 +327,7 @@ def attention_forward(q, k, v, lo, hi, scale: float):
     if _covers_all(pieces, B, N):  # the tiny demo's shapes: no slicing, no copies
         mask = _mask(pieces[0], lo, hi, dtype) if masks[0] is None else masks[0]
         o, lse = _flash_fwd(q, k, v, 0.0, pieces[0].kind == "causal", attn_mask=mask, scale=scale)
-        out, lse = _token_major(_as(o, in_dtype)), _token_major_lse(lse)
+        out, lse = _token_major(_as(o, in_dtype)), _token_major(lse)
     else:
         out = torch.zeros(B, N, Hq, D, dtype=in_dtype, device=q.device).transpose(1, 2)
         lse = torch.full((B, N, Hq), math.inf, dtype=lse_dtype(dtype), device=q.device).transpose(1, 2)

@@ -8,8 +8,8 @@ the same tiles and bounds (``mask.query_tile_bounds``):
 
 1. ``_attn_fwd_full_ws_kernel`` (here): each query tile's full key tiles, the ones every active
    row sees whole, unmasked and warp-specialised, into an fp32 partial: the output normalised by
-   its own sum and the log-sum-exp in the forward's log2 units (-inf where the tile has no full
-   key tiles).
+   its own sum and the log-sum-exp in the forward's log2 units (written only for tiles that have
+   full key tiles).
 2. ``triton_fwd_tma._attn_fwd_tma_kernel`` with ``FULL_DONE``: the masked edge tiles, merged with
    that partial as one more online-softmax step, and the final output and lse as the one-pass
    forward writes them.
@@ -76,10 +76,10 @@ def _attn_fwd_full_ws_kernel(
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
+    # Every row of a tile with full key tiles summed at least its own maximum (l >= 1; nothing is
+    # masked here); the other tiles' values (0 / 0) are not stored.
+    out = acc / l_i[:, None]
+    lse = m_i + tl.math.log2(l_i)
     # A pointer store: the consumers each hold 64 of the 128 rows, and a descriptor store of the
     # whole tile does not type-check after the split.
     part_ptrs = (Part + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
