@@ -148,7 +148,7 @@ def experiment(args) -> int:
 
 # ``cocoa train`` flags that map one to one onto StageConfig fields (unset flags keep its defaults)
 STAGE_FLAGS = ("precision", "gradient_checkpointing", "grad_accum", "max_grad_norm", "max_pixels", "min_pixels",
-               "max_length", "mask_token", "pack_budget", "save_steps", "on_bad_sample")
+               "max_length", "mask_token", "pack_budget", "save_steps", "on_bad_sample", "seed")
 # a --config file's top-level keys
 RUN_KEYS = ("model", "data", "image_dir", "out", "init", "report_to", "stages")
 
@@ -363,6 +363,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (needs peft)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the model's new weights, data order, masks and dropout (default 0): "
+                        "the same command gives the same weights")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                    help="mixed precision with fp32 master weights (bf16, fp16) or plain fp32; "
                         "default: bf16 on a GPU, fp32 on the CPU")

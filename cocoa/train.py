@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import has_length, rotate_checkpoints
 
 from . import checkpoints
@@ -302,6 +302,11 @@ def run_stage(cfg: StageConfig, model: CocoaModel, encoder: InputEncoder, datase
     out_dir = Path(out_dir)
     precision = resolve_precision(cfg.precision)
     _check_report_to(report_to)
+    # Every draw of the stage follows from cfg.seed alone, whatever ran before it in this process
+    # (a previous stage trained here, or loaded from its checkpoint on a rerun): the LoRA adapters
+    # below, then the Trainer (which reseeds at init for dropout and data order; masks draw from
+    # SeededBatches' per-batch streams).
+    set_seed(cfg.seed)
     encoder = stage_encoder(encoder, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels, max_length=cfg.max_length)
     check_data_fits(encoder, dataset)
     if cfg.stage in (1, 2):
@@ -436,6 +441,10 @@ def train_from_sources(stages: list[StageConfig], model_src: str, data_src, out_
     from .tokens import grow_embeddings
 
     dataset = stage_datasets(stages, data_src, stage_data=stage_data, image_dir=image_dir)
+    # The model's random draws (the tiny backbone's initial weights, CocoaModel's new heads) come
+    # from the first stage's seed: the same command gives the same model, so a run killed before
+    # its first checkpoint and started again is the same run.
+    set_seed(stages[0].seed)
     if model_src == "tiny":
         config, tokenizer, processor = tiny_config(), char_tokenizer(), default_image_processor()
         backbone = load_model(config, dtype=torch.float32)
