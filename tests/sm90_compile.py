@@ -61,8 +61,19 @@ from cocoa_kernels.losses import triton_sparse as loss_sparse  # noqa: E402
 # sharedMemPerBlockOptin on A100, on Ada/consumer Ampere, and on H100/H200)
 ARCHS = {"sm_80": (80, 163 * 1024), "sm_89": (89, 99 * 1024), "sm_90a": (90, 227 * 1024)}
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-PTXAS = _BIN / "ptxas"
+PTXAS = _BIN / "ptxas"  # the wheel's ptxas for sm_80/89 (and, up to triton 3.8, for sm_90a too)
 NVDISASM = _BIN / "nvdisasm"
+
+
+def ptxas_for(capability: int) -> Path:
+    """The ptxas the installed triton assembles this capability's PTX with: from triton 3.9 on,
+    Hopper and newer use the wheel's newer ``ptxas-blackwell`` (its PTX version is too new for the
+    older ``ptxas``), so the report reads what triton's own compile does."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        return PTXAS
+    return Path(get_ptxas(capability).path)
 _TRITON_TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
@@ -215,7 +226,7 @@ def compile_case(case: Case, arch: str = "sm_90a") -> Report:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([str(PTXAS), "-v", f"--gpu-name={arch}", src, "-o", src + ".cubin"],
+        log = subprocess.run([str(ptxas_for(capability)), "-v", f"--gpu-name={arch}", src, "-o", src + ".cubin"],
                              capture_output=True, text=True, check=True).stderr
         per_key = None
         if case.key_loop or case.ws_loop:

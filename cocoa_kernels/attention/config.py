@@ -222,6 +222,24 @@ _GPU_16BIT_TMA_WS = {
 # masked edges in a second, merged; elsewhere as auto). Not measured on a GPU yet, hence opt-in.
 # Benchmarks time them side by side; :func:`forward_path` sets it for a block.
 FORWARD_PATHS = ("auto", "pointer", "tma_ws")
+
+# The triton releases whose compiler warp-specialises the full-tile pass: 3.6. From 3.7.1 on (3.7.1,
+# 3.8.0 and 3.9.0 tried, 2026-12-08), its NVGPUWarpSpecialization pass fails on the kernel
+# ("PassManager::run failed"); `python tests/sm90_compile.py --arch sm_90a` shows it.
+WARP_SPECIALISED_TRITON = ((3, 6),)
+
+
+def check_warp_specialised_pass() -> None:
+    """Raise if the installed triton cannot compile the warp-specialised pass (checked before a
+    ``forward_path("tma_ws")`` forward launches on a GPU; the interpreter runs it on any release)."""
+    import triton
+
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    if (major, minor) not in WARP_SPECIALISED_TRITON:
+        tested = ", ".join(f"{a}.{b}" for a, b in WARP_SPECIALISED_TRITON)
+        raise RuntimeError(f"forward_path('tma_ws'): the warp-specialised pass compiles with triton {tested}; "
+                           f"the installed triton {triton.__version__} fails to compile it. Install triton {tested} "
+                           "or use forward_path('auto') (the one-pass TMA forward)")
 _forward_path: Pinned[str] = Pinned()
 
 

@@ -26,7 +26,7 @@ import torch
 
 from .._autocast import autocast_off
 from . import autotune, cpu, reference
-from .config import block_d_for, current_forward_path, pick_config, tma_ws_config
+from .config import block_d_for, check_warp_specialised_pass, current_forward_path, pick_config, tma_ws_config
 
 
 def _torch_impl(q: torch.Tensor):
@@ -54,6 +54,9 @@ def _triton_forward(q, k, v, lo, hi, scale: float):
     if tiles is not None:
         if current_forward_path() == "tma_ws":  # opt-in: full tiles warp-specialised, then the edges
             from .triton_fwd_ws import attention_fwd_tma_ws
+
+            if q.is_cuda:
+                check_warp_specialised_pass()
 
             full_tiles = tma_ws_config(block_d_for(q.shape[-1]), on_gpu=True)
             return attention_fwd_tma_ws(q, k, v, lo, hi, scale, tiles, full_tiles)

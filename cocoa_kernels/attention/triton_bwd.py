@@ -41,7 +41,7 @@ import triton.language as tl
 from ..mask import key_tile_bounds, query_tile_bounds
 from .config import AttentionConfig, KernelConfig, block_d_for, dkdv_splits, fused_bwd_config, loop_splits
 from .triton_common import (
-    LOG2E, TileSchedule, dot_precision, load_bounds, load_tile, loop_piece, scheduled_tile, score_tile,
+    LOG2E, TileSchedule, dot_precision, load_bounds, load_tile, loop_piece, mask_if, scheduled_tile, score_tile,
     tile_schedule,
 )
 
@@ -116,7 +116,7 @@ def _attn_bwd_dq_kernel(
                   offs_m, offs_d, N, D, True, EVEN_D)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     row_base = (b * H_Q + h) * N
-    tl.store(Delta + row_base + offs_m, delta, mask=row_ok & (split == 0))
+    tl.store(Delta + row_base + offs_m, delta, mask=mask_if(split == 0, row_ok))
     lse2 = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))
 
     k_base = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd

@@ -21,6 +21,15 @@ def load_bounds(Bounds, b, tile, NUM_TILES):
 
 
 @triton.jit
+def mask_if(flag, mask):
+    """``mask`` where the scalar ``flag`` holds, all False elsewhere: a block mask predicated on a
+    scalar condition. Not ``flag & mask``: triton 3.9's interpreter broadcasts a scalar comparison
+    with int32 data, which its masked loads and stores reject ('mask has unsupported dtype');
+    compiled, both forms are one predicate."""
+    return tl.where(flag, mask, False)
+
+
+@triton.jit
 def load_tile(ptrs, rows, offs_d, N, D, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     """Load a [rows, BLOCK_D] tile; masks only what may fall outside (rows >= N, padded dims)."""
     if MASK_ROWS:

@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .config import KernelConfig, block_d_for, current_forward_path, device_capability, tma_fwd_config
-from .triton_common import LOG2E, dot_precision, load_bounds, online_softmax_step, scheduled_tile
+from .triton_common import LOG2E, dot_precision, load_bounds, mask_if, online_softmax_step, scheduled_tile
 from .triton_fwd import fwd_loop_splits, fwd_schedule
 
 _TMA_DTYPES = (torch.float16, torch.bfloat16)
@@ -120,8 +120,9 @@ def _attn_fwd_tma_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         part_ptrs = (Part + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
                      + offs_m[:, None].to(tl.int64) * stride_pn + offs_d[None, :])
-        o_full = tl.load(part_ptrs, mask=has_full & row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        lse_full = tl.load(LsePart + lse_rows, mask=has_full & row_ok, other=float("-inf"))
+        o_full = tl.load(part_ptrs, mask=mask_if(has_full, row_ok[:, None] & (offs_d[None, :] < D)),
+                         other=0.0)
+        lse_full = tl.load(LsePart + lse_rows, mask=mask_if(has_full, row_ok), other=float("-inf"))
         m_new = tl.maximum(m_i, lse_full)
         alpha = tl.math.exp2(m_i - m_new)
         w_full = tl.math.exp2(lse_full - m_new)  # 0 where the pass saw nothing (lse -inf, m finite)

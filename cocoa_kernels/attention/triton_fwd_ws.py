@@ -33,7 +33,8 @@ import triton.language as tl
 
 from ..mask import query_tile_bounds
 from .config import KernelConfig, block_d_for
-from .triton_common import LOG2E, dot_precision, load_bounds, online_softmax_step, scheduled_tile, tile_schedule
+from .triton_common import (LOG2E, dot_precision, load_bounds, mask_if, online_softmax_step, scheduled_tile,
+                             tile_schedule)
 from .triton_fwd_tma import launch_tma_forward, load_desc_tile, tile_descriptor
 
 
@@ -85,8 +86,8 @@ def _attn_fwd_full_ws_kernel(
     part_ptrs = (Part + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
                  + offs_m[:, None].to(tl.int64) * stride_pn + offs_d[None, :])
     has_full = full_start < full_end
-    tl.store(part_ptrs, out, mask=has_full & row_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(LsePart + (b.to(tl.int64) * H_Q + h) * N + offs_m, lse, mask=has_full & row_ok)
+    tl.store(part_ptrs, out, mask=mask_if(has_full, row_ok[:, None] & (offs_d[None, :] < D)))
+    tl.store(LsePart + (b.to(tl.int64) * H_Q + h) * N + offs_m, lse, mask=mask_if(has_full, row_ok))
 
 
 def attention_fwd_tma_ws(q, k, v, lo, hi, scale: float, cfg: KernelConfig, full_cfg: KernelConfig):
