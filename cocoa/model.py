@@ -70,24 +70,45 @@ class CocoaModel(nn.Module):
             self.pixel_head = None
 
     # ------------------------------------------------------------------ memory (Trainer calls these)
+    # transformers 5.2x renamed gradient checkpointing to activation checkpointing and deprecated the
+    # old names: the Trainer calls whichever its release has, so both are here, and each calls the
+    # backbone's newest name (no deprecation warning on either release).
     @property
     def supports_gradient_checkpointing(self) -> bool:
         return getattr(self.backbone, "supports_gradient_checkpointing", False)
 
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return getattr(self.backbone, "is_gradient_checkpointing", False)
+    def _backbone_checkpointing(self, name: str):
+        """The backbone's ``activation_checkpointing<name>`` where its release has it, else the
+        older ``gradient_checkpointing<name>``."""
+        new = f"activation_checkpointing{name}"
+        return getattr(self.backbone, new if hasattr(type(self.backbone), new) else f"gradient_checkpointing{name}")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        new = "is_activation_checkpointing"
+        return bool(getattr(self.backbone, new if hasattr(type(self.backbone), new) else "is_gradient_checkpointing",
+                            False))
+
+    is_gradient_checkpointing = is_activation_checkpointing
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """Recompute the backbone's layer activations in the backward pass (the heads are small and
-        keep theirs). Non-reentrant checkpointing unless ``gradient_checkpointing_kwargs`` says
+        keep theirs). Non-reentrant checkpointing unless ``activation_checkpointing_kwargs`` says
         otherwise: it needs no input that requires grad, so it also works with frozen embeddings
         (LoRA). Other keyword arguments go to the backbone's method as they are."""
-        kw = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
+        kw = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        enable = self._backbone_checkpointing("_enable")
+        key = "activation_checkpointing_kwargs" if enable.__name__.startswith("activation") else "gradient_checkpointing_kwargs"
+        enable(**{key: kw}, **kwargs)
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.backbone.gradient_checkpointing_disable()
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """:meth:`activation_checkpointing_enable` under the name transformers before 5.2x calls."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self._backbone_checkpointing("_disable")()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     @property
     def base(self):
@@ -253,17 +274,38 @@ class CocoaModel(nn.Module):
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' rows of ``x`` (gradients flow back to each rank's own rows), and the offset of
-    this rank's rows. Without torch.distributed, ``x`` itself and 0."""
+    """All ranks' rows of ``x`` (every rank holds as many), stacked in rank order, and the offset
+    of this rank's rows; gradients flow back to each rank's own rows, summed over the ranks (every
+    rank's loss uses every row). Without torch.distributed, ``x`` itself and 0."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
+    return _GatherRows.apply(x), dist.get_rank() * x.shape[0]
 
-    parts = all_gather(x.contiguous())
-    offset = sum(p.shape[0] for p in parts[: dist.get_rank()])
-    return torch.cat(parts), offset
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather forward, all_reduce + own slice backward. (torch.distributed.nn's differentiable
+    all_gather does the same and is deprecated from torch 2.13 on; its replacement lives in a
+    private module.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd's buffer is not ours to change
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
 
 
 def count_items(batch: dict, shift: int) -> dict:

@@ -320,8 +320,7 @@ def run_stage(cfg: StageConfig, model: CocoaModel, encoder: InputEncoder, datase
         max_grad_norm=cfg.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing_args(cfg.gradient_checkpointing),
         learning_rate=cfg.lr,
         warmup_steps=math.ceil(cfg.warmup_ratio * cfg.steps),
         weight_decay=cfg.weight_decay,
@@ -383,6 +382,17 @@ def save_final(trainer: CocoaTrainer, model: CocoaModel, encoder: InputEncoder, 
         (staging / "stage.json").write_text(json.dumps({"config": _jsonable(asdict(cfg)), **result}))
         checkpoints.publish(staging, final)
     trainer.accelerator.wait_for_everyone()
+
+
+def _checkpointing_args(enabled: bool) -> dict:
+    """TrainingArguments' activation checkpointing under the installed release's name:
+    ``activation_checkpointing`` from transformers 5.2x on (``gradient_checkpointing`` is its
+    deprecated alias there), ``gradient_checkpointing`` before."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def _fp32_master_weights(model) -> None:

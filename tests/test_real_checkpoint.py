@@ -55,7 +55,7 @@ def pipeline(real_vl_checkpoint, tmp_path_factory):  # noqa: F811
         if self.training:
             seen.append({"autocast": torch.is_autocast_enabled("cpu"), "autocast_dtype": torch.get_autocast_dtype("cpu"),
                          "weights": {p.dtype for p in self.parameters()},
-                         "checkpointing": self.backbone.is_gradient_checkpointing})
+                         "checkpointing": self.is_activation_checkpointing})
         return hidden
 
     records = _Records()
