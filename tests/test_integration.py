@@ -9,7 +9,8 @@ from transformers import Qwen2ForCausalLM, Qwen2VLForConditionalGeneration
 import cocoa
 from cocoa_kernels import KeyRanges
 from tiny_models import (
-    EOS, IMAGE_TOKEN, VISION_END, VISION_START, image_grid, qwen2_config, qwen25vl_config, qwen2vl_config, same_weights,
+    EOS, IMAGE_TOKEN, VISION_END, VISION_START, image_grid, qwen2_config, qwen25vl_config, qwen2vl_config, run_as,
+    same_weights,
 )
 
 IMPL = cocoa.ATTN_IMPLEMENTATION
@@ -29,8 +30,8 @@ def test_without_key_ranges_matches_sdpa_with_padding(causal):
     sdpa, ours = same_weights(Qwen2VLForConditionalGeneration, qwen2vl_config(is_causal=causal), ["sdpa", IMPL])
     ids, am = _padded_text_batch()
     with torch.no_grad():
-        a = sdpa(input_ids=ids, attention_mask=am).logits
-        b = ours(input_ids=ids, attention_mask=am).logits
+        a = run_as(sdpa, "sdpa", input_ids=ids, attention_mask=am).logits
+        b = run_as(ours, IMPL, input_ids=ids, attention_mask=am).logits
     valid = am.bool()
     torch.testing.assert_close(b[valid], a[valid], rtol=1e-5, atol=1e-5)
 
@@ -42,8 +43,8 @@ def test_qwen25vl_with_an_image_matches_sdpa():
     ids, am, mm, pixels, grid, _ = _bridge_batch()
     inputs = dict(input_ids=ids, attention_mask=am, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=mm)
     with torch.no_grad():
-        a = sdpa(**inputs).logits
-        b = ours(**inputs).logits
+        a = run_as(sdpa, "sdpa", **inputs).logits
+        b = run_as(ours, IMPL, **inputs).logits
     torch.testing.assert_close(b[am.bool()], a[am.bool()], rtol=1e-5, atol=1e-5)
 
 
@@ -52,8 +53,8 @@ def test_plain_qwen2_text_model_matches_sdpa():
     ids, am = _padded_text_batch(1)
     with torch.no_grad():
         torch.testing.assert_close(
-            ours(input_ids=ids, attention_mask=am).logits[am.bool()],
-            sdpa(input_ids=ids, attention_mask=am).logits[am.bool()], rtol=1e-5, atol=1e-5,
+            run_as(ours, IMPL, input_ids=ids, attention_mask=am).logits[am.bool()],
+            run_as(sdpa, "sdpa", input_ids=ids, attention_mask=am).logits[am.bool()], rtol=1e-5, atol=1e-5,
         )
 
 
@@ -98,27 +99,31 @@ def _bridge_batch():
     return ids, am, mm, pixels, grid, KeyRanges.eos_bridge(seg, target)
 
 
-def test_key_ranges_bridge_with_image_matches_eager_dense_mask():
-    """EOS bridge + image + padded row: logits and every parameter gradient equal the eager model
-    given the equivalent dense 4-D mask (float64)."""
-    eager, ours = same_weights(Qwen2VLForConditionalGeneration, qwen2vl_config(), ["eager", IMPL], dtype=torch.float64)
+def test_key_ranges_bridge_with_image_matches_sdpa_with_the_dense_mask():
+    """EOS bridge + image + padded row: logits and every parameter gradient equal the "sdpa" model
+    given the equivalent dense 4-D mask, in float64 ("eager" softmaxes in float32 whatever the
+    model's dtype, so it is no float64 oracle)."""
+    sdpa, ours = same_weights(Qwen2VLForConditionalGeneration, qwen2vl_config(), ["sdpa", IMPL], dtype=torch.float64)
     ids, am, mm, pixels, grid, mask = _bridge_batch()
     pixels = pixels.double()
     pos, _ = ours.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=am)
     dense = mask.to_dense()[:, None]
+    # padding rows see nothing (ours: zero output); for sdpa they see themselves, which keeps them
+    # finite (an all-masked softmax row is NaN, and NaN values reach valid rows as 0 * NaN)
+    dense = dense | (~dense.any(-1, keepdim=True) & torch.eye(16, dtype=torch.bool))
     additive = torch.zeros(dense.shape, dtype=torch.float64).masked_fill(~dense, torch.finfo(torch.float64).min)
     weights = torch.randn(2, 16, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     valid = am.bool()
     common = dict(input_ids=ids, position_ids=pos, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=mm)
 
-    out_e = eager(attention_mask=additive, **common).logits
-    out_o = ours(attention_mask=am, key_ranges=mask, **common).logits
-    torch.testing.assert_close(out_o[valid], out_e[valid], rtol=1e-10, atol=1e-10)
-    (out_e * weights)[valid].sum().backward()
+    out_s = run_as(sdpa, "sdpa", attention_mask=additive, **common).logits
+    out_o = run_as(ours, IMPL, attention_mask=am, key_ranges=mask, **common).logits
+    torch.testing.assert_close(out_o[valid], out_s[valid], rtol=1e-10, atol=1e-10)
+    (out_s * weights)[valid].sum().backward()
     (out_o * weights)[valid].sum().backward()
-    for (name, pe), po in zip(eager.named_parameters(), ours.parameters()):
+    for (name, ps), po in zip(sdpa.named_parameters(), ours.parameters()):
         assert po.grad is not None, name
-        torch.testing.assert_close(po.grad, pe.grad, rtol=1e-9, atol=1e-10, msg=name)
+        torch.testing.assert_close(po.grad, ps.grad, rtol=1e-9, atol=1e-10, msg=name)
 
 
 def test_vision_tower_ignores_key_ranges():
@@ -169,6 +174,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _cache_kwarg(model, output) -> dict:
+    """The KV cache of ``output`` under the forward's name for it: ``cache`` from transformers 5.2x
+    on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: output.past_key_values}
+
+
 def test_bad_key_ranges_and_cache_are_refused():
     (model,) = same_weights(Qwen2VLForConditionalGeneration, qwen2vl_config(), [IMPL])
     ids, am = _padded_text_batch()
@@ -180,7 +194,7 @@ def test_bad_key_ranges_and_cache_are_refused():
     first = model(input_ids=ids, attention_mask=am, use_cache=True)
     nxt = torch.ones(3, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="KV cache"):
-        model(input_ids=nxt, attention_mask=torch.ones(3, 14, dtype=torch.long), past_key_values=first.past_key_values,
+        model(input_ids=nxt, attention_mask=torch.ones(3, 14, dtype=torch.long), **_cache_kwarg(model, first),
               key_ranges=KeyRanges.from_segments(torch.zeros(3, 1, dtype=torch.long)))
 
 

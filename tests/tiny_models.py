@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
+
 import torch
 from transformers import Qwen2Config, Qwen2VLConfig
 
@@ -46,9 +49,11 @@ def qwen2_config() -> Qwen2Config:
 
 
 def same_weights(model_cls, config, impls, dtype=torch.float32, seed=0):
-    """One model per attention implementation, all with the same random weights."""
+    """One model per attention implementation, all with the same random weights. Each model gets
+    its own copy of ``config``: transformers writes the implementation into the config object it
+    is given, so models built from one object all run the last one's."""
     torch.manual_seed(seed)
-    models = [model_cls._from_config(config, attn_implementation=impl, dtype=dtype) for impl in impls]
+    models = [model_cls._from_config(copy.deepcopy(config), attn_implementation=impl, dtype=dtype) for impl in impls]
     for m in models[1:]:
         m.load_state_dict(models[0].state_dict())
     return models
@@ -60,3 +65,32 @@ def image_grid(images: int = 1, t: int = 1, h: int = 4, w: int = 4, seed: int = 
     grid = torch.tensor([[t, h, w]] * images)
     pixels = torch.randn(images * t * h * w, 3 * 2 * 14 * 14, generator=gen)
     return pixels, grid
+
+
+@contextmanager
+def attention_implementations():
+    """The attention implementation asked for by every attention call made while active (a list
+    of names, one per call, vision towers included), read where transformers dispatches."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    used = []
+    original = ALL_ATTENTION_FUNCTIONS.get_interface
+
+    def spy(attn_implementation, default):
+        used.append(attn_implementation)
+        return original(attn_implementation, default)
+
+    ALL_ATTENTION_FUNCTIONS.get_interface = spy  # on the instance, removed below
+    try:
+        yield used
+    finally:
+        del ALL_ATTENTION_FUNCTIONS.get_interface
+
+
+def run_as(model, impl: str, **inputs):
+    """``model(**inputs)``, asserting that every attention call it made ran ``impl`` (and that
+    it made some): a comparison of two implementations then really compares two."""
+    with attention_implementations() as used:
+        out = model(**inputs)
+    assert used and set(used) == {impl}, f"expected every attention call to run {impl!r}, got {sorted(set(used))}"
+    return out
