@@ -12,11 +12,20 @@ transformers hands unknown keywords down to every attention call; decoder self-a
 (the modules with a ``layer_idx``, i.e. a KV-cache slot) use them, while vision-tower blocks,
 which get the same keywords, ignore them and attend bidirectionally within each image.
 ``cocoa_deterministic=False`` (another forward keyword, default True) gives every
-``cocoa_triton`` layer the faster non-deterministic backward (``attention(deterministic=...)``).
+``cocoa_triton`` layer the faster non-deterministic backward (``attention(deterministic=...)``);
+``cocoa_impl="triton" | "torch"`` forces an implementation (``attention(impl=...)``).
 No model class is patched and no forward is copied.
+
+A mask is never converted approximately. What has no key-interval form is refused with an error
+saying what was given: an additive mask with values other than 0 and -inf (a bias), a per-head
+4-D mask, and padding inside a row. For the last (and any other exact 0/-inf or bool mask with
+gaps), ``cocoa_dense_fallback=True`` computes those layers exactly with dense SDPA (slow; logged
+once). Under ``torch.compile`` the data checks run on the device (``cocoa_kernels.mask.refuse``).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from transformers import AttentionInterface
@@ -24,15 +33,19 @@ from transformers.masking_utils import AttentionMaskInterface, bidirectional_mas
 from transformers.masking_utils import sdpa_mask
 
 from cocoa_kernels import KeyRanges, attention
+from cocoa_kernels.mask import refuse
 
 ATTN_IMPLEMENTATION = "cocoa_triton"
+logger = logging.getLogger(__name__)
 
 
 def padding_to_key_ranges(attention_mask: torch.Tensor | None, batch: int, length: int, causal: bool, device):
-    """The mask ``"sdpa"`` builds from a 2-D padding mask, as key intervals.
+    """The mask ``"sdpa"`` builds from a 2-D padding mask, as key intervals (O(N)).
 
     Every query sees the row's valid keys (causal: those at or before it). The valid keys of a
-    row must be contiguous (left or right padding), which is what tokenizers produce.
+    row must be contiguous (left or right padding, what tokenizers produce); padding inside a row
+    gives None (under ``torch.compile``, where the data cannot be read, the check runs on the
+    device and fails the run instead).
     """
     if attention_mask is None:
         lo = torch.zeros(batch, length, dtype=torch.int32, device=device)
@@ -44,12 +57,26 @@ def padding_to_key_ranges(attention_mask: torch.Tensor | None, batch: int, lengt
     last = length - valid.flip(-1).int().argmax(-1, keepdim=True)
     first = torch.where(count > 0, first, 0)
     last = torch.where(count > 0, last, 0)
-    if bool(((last - first) != count).any()):
-        raise ValueError(
-            "attention_mask: padding inside a row (valid tokens not contiguous) has no key-interval "
-            "form; pad on the left or the right, or pass key_ranges"
-        )
+    gaps = (last - first) != count
+    if not torch.compiler.is_compiling() and bool(gaps.any()):
+        return None
+    refuse(gaps, lambda b, i: f"attention_mask: padding inside row {b}")  # under compile: on the device
     return KeyRanges(first.expand(batch, length), last.expand(batch, length), causal=causal)
+
+
+def dense_to_key_ranges(dense: torch.Tensor) -> tuple[KeyRanges | None, ValueError | None]:
+    """A (B, N, N) bool mask as key intervals, or (None, the error saying which row has none).
+    Under ``torch.compile`` the check runs on the device: the intervals always come back."""
+    try:
+        return KeyRanges.from_dense(dense.contiguous()), None
+    except ValueError as e:
+        return None, e
+
+
+def _no_interval_message(problem) -> str:
+    return (f"attention_mask: {problem} (padding inside a row, or a mask with gaps). Pad on the left or the "
+            "right, pass key_ranges, or pass cocoa_dense_fallback=True to the forward to compute such a mask "
+            "exactly with dense SDPA (slow; not under torch.compile)")
 
 
 def cocoa_mask(
@@ -69,15 +96,20 @@ def cocoa_mask(
         return None
     if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         causal = mask_function is causal_mask_function
-        return padding_to_key_ranges(attention_mask, batch_size, kv_length, causal, device)
-    # Composite masks (packed-sequence detection, model-specific overlays): evaluate them densely
-    # once and convert; an overlay with no interval form is refused there with a clear error.
+        ranges = padding_to_key_ranges(attention_mask, batch_size, kv_length, causal, device)
+        if ranges is not None:
+            return ranges
+    # Composite masks (packed-sequence detection, model-specific overlays) and padding inside a
+    # row: evaluated densely once, as "sdpa" does, and converted to key intervals; a mask without
+    # them is handed over dense (4-D bool), for the attention function to refuse or, with
+    # cocoa_dense_fallback=True, to compute densely.
     kwargs.pop("allow_is_causal_skip", None)
     dense = sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, mask_function=mask_function,
         attention_mask=attention_mask, allow_is_causal_skip=False, device=device, **kwargs,
-    )
-    return KeyRanges.from_dense(dense[:, 0].to(torch.bool))
+    ).to(torch.bool)
+    ranges, _ = dense_to_key_ranges(dense[:, 0].expand(batch_size, q_length, kv_length))
+    return ranges if ranges is not None else dense
 
 
 def cocoa_attention_forward(
@@ -93,6 +125,8 @@ def cocoa_attention_forward(
     cu_seq_lens_q: torch.Tensor | None = None,
     cocoa_vision_cu_seqlens: torch.Tensor | None = None,
     cocoa_deterministic: bool = True,
+    cocoa_impl: str | None = None,
+    cocoa_dense_fallback: bool = False,
     **kwargs,
 ):
     """AttentionInterface entry. q (B, Hq, N, D), k/v (B, Hkv, N, D) -> ((B, N, Hq, D), None)."""
@@ -118,20 +152,66 @@ def cocoa_attention_forward(
     elif isinstance(attention_mask, KeyRanges):
         mask = attention_mask
     elif cocoa_vision_cu_seqlens is not None:  # all images at once (one_call_vision_attention)
-        mask = KeyRanges.from_cu_seqlens(cocoa_vision_cu_seqlens)
+        mask = KeyRanges.from_cu_seqlens(cocoa_vision_cu_seqlens, length=N)
     elif cu_seq_lens_q is not None:  # varlen call: bidirectional per segment
-        mask = KeyRanges.from_cu_seqlens(cu_seq_lens_q)
+        mask = KeyRanges.from_cu_seqlens(cu_seq_lens_q, length=N)
     elif attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         mask = padding_to_key_ranges(None, B, N, bool(causal), query.device)
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        # A prepared 4-D mask (bool, or additive with -inf): convert, refusing non-interval rows.
-        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        mask = KeyRanges.from_dense(allowed[:, 0].expand(B, N, N).contiguous())
+        allowed = allowed_keys(attention_mask, B, N)
+        mask, problem = dense_to_key_ranges(allowed)
+        if problem is not None:
+            if not cocoa_dense_fallback:
+                raise ValueError(_no_interval_message(problem))
+            return _dense_attention(query, key, value, allowed, scaling), None
     else:
         raise TypeError(f"cocoa_triton: unsupported attention_mask of type {type(attention_mask).__name__}")
-    out = attention(query, key, value, mask, scale=scaling, deterministic=cocoa_deterministic)
+    out = attention(query, key, value, mask, scale=scaling, deterministic=cocoa_deterministic, impl=cocoa_impl)
     return out.transpose(1, 2), None  # free: the kernel writes token-major
+
+
+def allowed_keys(attention_mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """A prepared 4-D mask, (B, 1, N, N) bool or additive, as the (B, N, N) bool mask of the keys
+    each query sees; refuses what it cannot represent exactly: a per-head mask, and an additive
+    mask with values other than 0 (seen) and -inf or the dtype's minimum (not seen), i.e. a bias."""
+    if attention_mask.shape[1] != 1:
+        raise ValueError(
+            f"attention_mask: a per-head mask of shape {tuple(attention_mask.shape)} is not supported by "
+            "cocoa_triton (the heads share one key interval per query); give one mask for every head, of shape "
+            f"({batch}, 1, {length}, {length}), or key_ranges")
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask[:, 0]
+    elif attention_mask.is_floating_point():
+        allowed = attention_mask[:, 0] == 0
+        blocked = (attention_mask[:, 0] == float("-inf")) | (attention_mask[:, 0] == torch.finfo(attention_mask.dtype).min)
+        bias = ~(allowed | blocked)
+        refuse(bias.any(-1), lambda b, i: (
+            f"attention_mask: an additive mask with values other than 0 and -inf (a bias; row {i} of batch {b} "
+            f"holds {float(attention_mask[b, 0, i][bias[b, i]][0]):g}) is not supported by cocoa_triton, which "
+            "adds no bias to the scores; use attn_implementation='sdpa' or 'eager' for biased attention"))
+    else:
+        raise TypeError(f"attention_mask: a 4-D mask must be bool or additive float, got {attention_mask.dtype}")
+    return allowed.expand(batch, length, length)
+
+
+def _dense_attention(query, key, value, allowed: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """Exact attention with a dense (B, N, N) bool mask through SDPA: the opt-in fallback
+    (``cocoa_dense_fallback=True``) for masks without key intervals. Rows that see nothing give
+    zeros and zero gradients, as ``cocoa_kernels.attention`` does (SDPA alone would give NaN)."""
+    global _warned_dense
+    if not _warned_dense:
+        _warned_dense = True
+        logger.warning("cocoa_triton: a mask without one key interval per query (padding inside a row?) is "
+                       "computed with dense SDPA (cocoa_dense_fallback=True): exact, but O(N^2) memory and slower")
+    empty = ~allowed.any(-1, keepdim=True)  # (B, N, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=(allowed | empty)[:, None], scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1])
+    return out.masked_fill(empty[:, None], 0).transpose(1, 2)
+
+
+_warned_dense = False
 
 
 def _one_call_hook(module, args, kwargs):

@@ -5,14 +5,15 @@ Query ``i`` of row ``b`` sees key ``j`` iff ``lo[b, i] <= j < hi[b, i]`` (and ``
 contract"): causal or bidirectional attention over packed segments, the EOS bridge, padding
 (an empty interval), sliding windows and prefix-LM masks.
 
-Builders validate once, here, so the attention hot path never synchronises with the device.
+Builders validate once, here, so the attention hot path never synchronises with the device; under
+``torch.compile`` the same checks run on the device (:func:`refuse`).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["KeyRanges", "key_tile_bounds", "query_tile_bounds", "tile_loop_iterations"]
+__all__ = ["KeyRanges", "key_tile_bounds", "query_tile_bounds", "refuse", "tile_loop_iterations"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -29,9 +30,20 @@ def _check_int_matrix(name: str, t, batch_shape=None) -> torch.Tensor:
     return t
 
 
-def _first_bad(mask: torch.Tensor) -> tuple[int, int]:
-    b, i = torch.nonzero(mask)[0].tolist()
-    return b, i
+def refuse(bad: torch.Tensor, message) -> None:
+    """Raise ``ValueError(message(b, i))`` at the first True ``[b, i]`` of ``bad`` (B, N).
+
+    Reading a tensor's value on the host breaks a ``torch.compile`` graph (and synchronises with
+    the device), so under compile the same check runs on the device instead: the compiled run
+    fails with a generic message (run eagerly to see where and why), never a silently wrong mask.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "cocoa: invalid attention mask (run without torch.compile for the "
+                                        "position and the reason)")
+        return
+    if bool(bad.any()):
+        b, i = torch.nonzero(bad)[0].tolist()
+        raise ValueError(message(b, i))
 
 
 def _runs(segment_ids: torch.Tensor):
@@ -72,17 +84,9 @@ class KeyRanges:
             raise ValueError(f"sequence length {N} does not fit the int32 interval bounds")
         lo64, hi64 = lo.long(), hi.long()
         for name, t in (("lo", lo64), ("hi", hi64)):
-            bad = (t < 0) | (t > N)
-            if bool(bad.any()):
-                b, i = _first_bad(bad)
-                raise ValueError(
-                    f"{name}[{b}, {i}] = {int(t[b, i])} is outside [0, N] with N = {N}; "
-                    "intervals must lie inside the row"
-                )
-        bad = lo64 > hi64
-        if bool(bad.any()):
-            b, i = _first_bad(bad)
-            raise ValueError(f"lo > hi at [{b}, {i}]: lo = {int(lo64[b, i])}, hi = {int(hi64[b, i])}")
+            refuse((t < 0) | (t > N), lambda b, i, name=name, t=t: (
+                f"{name}[{b}, {i}] = {int(t[b, i])} is outside [0, N] with N = {N}; intervals must lie inside the row"))
+        refuse(lo64 > hi64, lambda b, i: f"lo > hi at [{b}, {i}]: lo = {int(lo64[b, i])}, hi = {int(hi64[b, i])}")
         self.lo = lo.to(torch.int32).contiguous()
         self.hi = hi.to(torch.int32).contiguous()
         self.causal = causal
@@ -117,26 +121,18 @@ class KeyRanges:
             raise ValueError("is_target must be on the same device as segment_ids")
         seg, start, end, new_run = _segments(segment_ids)
         pad = seg < 0
-        if bool((is_target & pad).any()):
-            b, i = _first_bad(is_target & pad)
-            raise ValueError(f"is_target[{b}, {i}] is True on a padding position (segment id -1)")
+        refuse(is_target & pad, lambda b, i: f"is_target[{b}, {i}] is True on a padding position (segment id -1)")
         first_of_seg = new_run & ~pad
-        if bool((is_target & first_of_seg).any()):
-            b, i = _first_bad(is_target & first_of_seg)
-            raise ValueError(
-                f"the segment starting at [{b}, {i}] has no block-A token: its first token is a "
-                "target; block A (ending in the bridge <EOS>) needs at least one token"
-            )
+        refuse(is_target & first_of_seg, lambda b, i: (
+            f"the segment starting at [{b}, {i}] has no block-A token: its first token is a "
+            "target; block A (ending in the bridge <EOS>) needs at least one token"))
         # Block B must be a contiguous suffix: no target token followed by a non-target one
         # inside the same segment.
         back_to_a = torch.zeros_like(pad)
         back_to_a[:, 1:] = is_target[:, :-1] & ~is_target[:, 1:] & ~new_run[:, 1:]
-        if bool(back_to_a.any()):
-            b, i = _first_bad(back_to_a)
-            raise ValueError(
-                f"block B is not a contiguous suffix of its segment: position [{b}, {i}] is block A "
-                "but follows a block-B token of the same segment"
-            )
+        refuse(back_to_a, lambda b, i: (
+            f"block B is not a contiguous suffix of its segment: position [{b}, {i}] is block A "
+            "but follows a block-B token of the same segment"))
         # Position just past the last A token of each segment = first B token (or segment end).
         B, N = seg.shape
         pos = torch.arange(N, device=seg.device).expand(B, N)
@@ -154,25 +150,40 @@ class KeyRanges:
         return cls(torch.where(pad, zero, lo), torch.where(pad, zero, hi), causal=False)
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, causal: bool = False) -> "KeyRanges":
-        """One packed row (B = 1) from flash-attn style cumulative lengths ``[0, l0, l0+l1, ...]``."""
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, causal: bool = False, length: int | None = None) -> "KeyRanges":
+        """One packed row (B = 1) from flash-attn style cumulative lengths ``[0, l0, l0+l1, ...]``.
+
+        ``length``: the row's length N (``cu_seqlens[-1]``) when the caller knows it from a tensor's
+        shape; required under ``torch.compile``, where ``cu_seqlens``'s values cannot be read."""
         if not isinstance(cu_seqlens, torch.Tensor):
             raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
         if cu_seqlens.dtype not in _INT_DTYPES:
             raise TypeError(f"cu_seqlens must have an integer dtype, got {cu_seqlens.dtype}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        if cu_seqlens.dim() != 1:
             raise ValueError(f"cu_seqlens must have shape (S + 1,) with S >= 1, got {tuple(cu_seqlens.shape)}")
         cu = cu_seqlens.long()
-        if int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
-        if bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
-        N = int(cu[-1])
+        if torch.compiler.is_compiling():
+            if length is None:
+                raise ValueError("KeyRanges.from_cu_seqlens: pass length= under torch.compile (the row's length "
+                                 "cannot be read from cu_seqlens there)")
+            torch._check(cu.numel() >= 2)
+            N = length
+        else:
+            if cu.numel() < 2:
+                raise ValueError(f"cu_seqlens must have shape (S + 1,) with S >= 1, got {tuple(cu_seqlens.shape)}")
+            if int(cu[0]) != 0:
+                raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+            N = int(cu[-1])
+            if length is not None and N != length:
+                raise ValueError(f"cu_seqlens ends at {N} but the row has length {length}")
         if N < 1:
             raise ValueError("cu_seqlens describes an empty row (total length 0)")
-        lengths = cu[1:] - cu[:-1]
-        seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
-        return cls.from_segments(seg.view(1, N), causal=causal)
+        refuse((cu[1:] < cu[:-1])[None], lambda b, i: f"cu_seqlens must be non-decreasing (entry {i + 1})")
+        refuse((cu[[0, -1]] != torch.tensor([0, N], device=cu.device))[None],
+               lambda b, i: f"cu_seqlens must start at 0 and end at {N}")  # under compile: checked on the device
+        # position p lies in segment s where cu[s] <= p < cu[s + 1] (empty segments hold none)
+        seg = torch.searchsorted(cu, torch.arange(N, device=cu.device), right=True) - 1
+        return cls(cu[seg].view(1, N), cu[seg + 1].view(1, N), causal=causal)
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor) -> "KeyRanges":
@@ -189,13 +200,9 @@ class KeyRanges:
         count = dense.sum(-1)
         lo = torch.where(count > 0, dense.int().argmax(-1), 0)
         hi = torch.where(count > 0, N - dense.flip(-1).int().argmax(-1), 0)
-        bad = (hi - lo) != count
-        if bool(bad.any()):
-            b, i = _first_bad(bad)
-            raise ValueError(
-                f"row {i} of batch {b} of the dense mask is not one contiguous interval of keys; "
-                "cocoa attention needs one [lo, hi) interval per query"
-            )
+        refuse((hi - lo) != count, lambda b, i: (
+            f"row {i} of batch {b} of the dense mask is not one contiguous interval of keys; "
+            "cocoa attention needs one [lo, hi) interval per query"))
         return cls(lo, hi)
 
     # ------------------------------------------------------------------ views
@@ -241,9 +248,7 @@ def _shift_right(x: torch.Tensor, new_run: torch.Tensor) -> torch.Tensor:
 def _segments(segment_ids: torch.Tensor):
     """Validated segment ids (int64) and, per position, its run's start, end and run-start flag."""
     seg = _check_int_matrix("segment_ids", segment_ids).long()
-    if bool((seg < -1).any()):
-        b, i = _first_bad(seg < -1)
-        raise ValueError(f"segment_ids[{b}, {i}] = {int(seg[b, i])}; ids must be >= 0, or -1 for padding")
+    refuse(seg < -1, lambda b, i: f"segment_ids[{b}, {i}] = {int(seg[b, i])}; ids must be >= 0, or -1 for padding")
     start, end, new_run = _runs(seg)
     _check_contiguous_segments(seg, new_run)
     return seg, start, end, new_run
@@ -254,12 +259,9 @@ def _check_contiguous_segments(seg: torch.Tensor, new_run: torch.Tensor) -> None
     starts = torch.where(new_run & (seg >= 0), seg, torch.full_like(seg, -1))
     ordered, _ = starts.sort(dim=1)
     dup = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if bool(dup.any()):
-        b, i = _first_bad(dup)
-        raise ValueError(
-            f"segment {int(ordered[b, i + 1])} of row {b} is not contiguous: each segment id must "
-            "occupy one run of consecutive positions"
-        )
+    refuse(dup, lambda b, i: (
+        f"segment {int(ordered[b, i + 1])} of row {b} is not contiguous: each segment id must "
+        "occupy one run of consecutive positions"))
 
 
 def _query_tile_stats(lo: torch.Tensor, hi: torch.Tensor, block_m: int):
