@@ -6,7 +6,8 @@ import torch
 
 from cocoa_kernels import KeyRanges
 
-FAMILIES = ("causal_packed", "bidir_packed", "eos_bridge", "sliding_window", "padding_rows", "random_intervals")
+FAMILIES = ("causal_packed", "bidir_packed", "eos_bridge", "sliding_window", "padding_rows", "random_intervals",
+            "long_segments")
 
 
 def packed_segments(N: int, gen: torch.Generator, pad: int = 0, max_len: int = 40) -> torch.Tensor:
@@ -63,6 +64,18 @@ def make_mask(family: str, B: int, N: int, seed: int = 0) -> KeyRanges:
         # Row 0 is all padding (every query sees nothing); row 1 is left-padded.
         seg[0] = -1
         seg[1, : N // 3] = -1
+        return KeyRanges.from_segments(seg)
+    if family == "long_segments":
+        # The packed families' segments (< 40 tokens) leave the kernels' unmasked full-tile loops
+        # and their trailing masked loops idle at the shipped tiles: row 0 is one bidirectional
+        # segment over the whole row, the others two long segments (a third of N and the rest,
+        # then padding), so both loops run in every kernel at the test and the shipped tiles
+        # (tests/test_attention_loop_coverage.py).
+        seg = torch.full((B, N), -1, dtype=torch.int64)
+        seg[0] = 0
+        for b in range(1, B):
+            cut, end = N // 3, N - pad[b]
+            seg[b, :cut], seg[b, cut:end] = 0, 1
         return KeyRanges.from_segments(seg)
     if family == "random_intervals":
         # No structure at all (not monotone, empty rows included): tile bounds must still cover.

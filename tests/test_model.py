@@ -8,7 +8,7 @@ import torch
 import cocoa
 from cocoa.data import Sample, ShapesDataset
 from cocoa.data.collators import Stage1Collator, Stage2Collator, Stage3Collator
-from cocoa.data.encoding import InputEncoder
+from cocoa.data.encoding import MODEL_INPUTS, InputEncoder
 from cocoa.embed import default_image_processor
 from cocoa.model import CocoaModel
 from cocoa.tiny import char_tokenizer, tiny_config
@@ -85,3 +85,39 @@ def test_save_and_load_round_trip(tmp_path):
     b.load(tmp_path)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(y, x, msg=name)
+
+
+def test_stage3_embeddings_are_unit_norm_and_equal_the_embedders():
+    """What stage 3 trains is what inference embeds: ``CocoaModel.embed`` of the collated queries
+    (images) and positives (captions) has unit rows equal to ``Embedder.encode`` of the same items."""
+    from cocoa import Embedder
+
+    model = _model()
+    samples = _samples(4, task="retrieval")
+    batch = Stage3Collator(ENC)(samples)
+    embedder = Embedder(model.backbone, TOK, default_image_processor())
+    with torch.no_grad():
+        for side, items in (("query", [s.image for s in samples]), ("positive", [s.positive.text for s in samples])):
+            reps = model.embed(batch[side])
+            torch.testing.assert_close(reps.norm(dim=-1), torch.ones(len(samples)), rtol=0, atol=1e-6)
+            torch.testing.assert_close(reps, embedder.encode(items, convert_to_tensor=True), rtol=1e-5, atol=1e-5)
+
+
+def test_contrastive_loss_is_cross_entropy_over_normalised_raw_eos_states():
+    """The InfoNCE from the backbone's raw last-layer states at each input's EOS, normalised here:
+    a model that dropped the normalisation (or pooled another token) gives another loss."""
+    import torch.nn.functional as F
+
+    model = _model()
+    samples = _samples(5, task="retrieval")
+    batch = Stage3Collator(ENC)(samples)
+
+    def eos_states(group):
+        hidden = model.backbone.model(**{k: group[k] for k in MODEL_INPUTS if k in group}).last_hidden_state
+        return hidden[torch.arange(hidden.shape[0]), group["eos_index"]]
+
+    with torch.no_grad():
+        q, p = (F.normalize(eos_states(batch[side]), dim=-1) for side in ("query", "positive"))
+        want = F.cross_entropy(q @ p.T / model.loss_config.temperature, torch.arange(len(samples)))
+        assert float(eos_states(batch["query"]).norm(dim=-1).min()) > 1.5  # raw states are not unit already
+        torch.testing.assert_close(model.contrastive_loss(batch), want, rtol=1e-5, atol=1e-6)
