@@ -22,8 +22,9 @@ from cocoa_kernels.losses import triton_fwd as loss_triton_fwd  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 
-# Interpreter runs pin small, mismatched tiles so that N ~ 100 already has masked edges, unmasked
-# middles and partial last tiles in every kernel. Compiled GPU runs test the shipped table.
+# Interpreter runs pin small, mismatched tiles so that N ~ 100 has masked edges and partial last
+# tiles in every kernel; the unmasked middles and trailing masked loops need the long_segments mask
+# family (tests/test_attention_loop_coverage.py checks it). Compiled GPU runs test the shipped table.
 SMALL_TILES = attn_config.AttentionConfig(
     fwd=attn_config.KernelConfig(32, 16),
     dq=attn_config.KernelConfig(16, 32),
