@@ -77,17 +77,14 @@ class CocoaModel(nn.Module):
     def supports_gradient_checkpointing(self) -> bool:
         return getattr(self.backbone, "supports_gradient_checkpointing", False)
 
-    def _backbone_checkpointing(self, name: str):
-        """The backbone's ``activation_checkpointing<name>`` where its release has it, else the
-        older ``gradient_checkpointing<name>``."""
-        new = f"activation_checkpointing{name}"
-        return getattr(self.backbone, new if hasattr(type(self.backbone), new) else f"gradient_checkpointing{name}")
+    def _checkpointing_name(self, new: str) -> str:
+        """``new`` (an ``activation_checkpointing`` name) where the backbone's release has it, else
+        its older ``gradient_checkpointing`` twin."""
+        return new if hasattr(type(self.backbone), new) else new.replace("activation", "gradient")
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        new = "is_activation_checkpointing"
-        return bool(getattr(self.backbone, new if hasattr(type(self.backbone), new) else "is_gradient_checkpointing",
-                            False))
+        return bool(getattr(self.backbone, self._checkpointing_name("is_activation_checkpointing"), False))
 
     is_gradient_checkpointing = is_activation_checkpointing
 
@@ -97,16 +94,15 @@ class CocoaModel(nn.Module):
         otherwise: it needs no input that requires grad, so it also works with frozen embeddings
         (LoRA). Other keyword arguments go to the backbone's method as they are."""
         kw = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        enable = self._backbone_checkpointing("_enable")
-        key = "activation_checkpointing_kwargs" if enable.__name__.startswith("activation") else "gradient_checkpointing_kwargs"
-        enable(**{key: kw}, **kwargs)
+        enable = self._checkpointing_name("activation_checkpointing_enable")
+        getattr(self.backbone, enable)(**{enable.replace("_enable", "_kwargs"): kw}, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """:meth:`activation_checkpointing_enable` under the name transformers before 5.2x calls."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_disable(self) -> None:
-        self._backbone_checkpointing("_disable")()
+        getattr(self.backbone, self._checkpointing_name("activation_checkpointing_disable"))()
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
