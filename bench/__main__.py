@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="results file name (default: <date>-<gpu>.json)")
     p.add_argument("--only", type=_csv, default=None, help="comma-separated sections: attention,loss,sweep,e2e (--cpu: cpu)")
     p.add_argument("--attention-impls", type=_csv, default=None, help="cocoa,flex_attention,sdpa,flash_attn")
-    p.add_argument("--loss-impls", type=_csv, default=None, help="cocoa,torch_compact,torch_full,liger,cut_cross_entropy,cut_cross_entropy_exact")
+    p.add_argument("--loss-impls", type=_csv, default=None, help="cocoa,cocoa_filtered,torch_compact,torch_full,liger,cut_cross_entropy,cut_cross_entropy_exact,torch_lce,torch_lce_dense")
     p.add_argument("--e2e-impls", type=_csv, default=None, help="cocoa_triton,sdpa,flex_attention,cocoa_triton+lce")
     p.add_argument("--e2e-layers", type=int, default=None, help="decoder layers of the end-to-end model (default 28; smoke 2)")
     p.add_argument("--sweep", type=lambda s: tuple(int(x) for x in _csv(s)), default=None,
@@ -88,8 +88,9 @@ def main(argv=None) -> int:
         "config": {
             "smoke": args.smoke, "cpu": args.cpu, "sections": list(sections), "budget_s": args.budget_s,
             "timing": "CUDA events, median" if device.type == "cuda" else (
-                "time.perf_counter, median of calls made in turns with the peer (smoke: 1 run); process CPU time "
-                "in fwd_cpu_ms/fwdbwd_cpu_ms" if args.cpu else "time.perf_counter, median (smoke: 1 run)"),
+                ("attention rows (cpu): time.perf_counter, median of calls made in turns with the peer (smoke: 1 "
+                 "run); process CPU time in fwd_cpu_ms/fwdbwd_cpu_ms" if "cpu" in sections else "")
+                if args.cpu else "time.perf_counter, median (smoke: 1 run)"),
             "policy": vars(policy) if hasattr(policy, "__dict__") else str(policy),
             "flops": "attention: 4*D per visible (query, key) pair and query head forward, 2.5x that backward; "
                      "loss: 2*T_counted*V*H forward, 2x that backward; backward time = fwd+bwd - fwd",

@@ -18,6 +18,10 @@ counted rows of ``x.hidden`` (T, H) against ``x.labels`` (T,) (-100 = not counte
   vocab blocks whose softmax entries all fall below ~2^-12 skip the backward's products, an
   approximation that random weights, with their nearly flat softmax, make especially cheap).
 - ``cut_cross_entropy_exact``: the same with ``filter_eps=None``, exact gradients like ours.
+- ``torch_lce``: torch's own ``F.linear_cross_entropy(hidden, W, labels, ignore_index=-100,
+  options=torch.nn.LinearCrossEntropyOptions())`` (torch >= 2.13): its chunked path, which never
+  holds every row's logits (gradients computed during the forward).
+- ``torch_lce_dense``: the same without ``options``: torch's reference path (full logits).
 
 Which of our rows each peer is held to (``held_to`` in the row; the table's "vs" column): exact
 against exact (``cocoa``: every peer but CCE's default), filtered against filtered
@@ -171,5 +175,31 @@ class CutCrossEntropyExact(CutCrossEntropy):
     detail = "filter_eps=None (exact gradients, no filtering)"
 
 
+class TorchLCE:
+    """torch's own fused loss, ``F.linear_cross_entropy`` (torch >= 2.13); chunked with options."""
+
+    name = "torch_lce"
+    ours = False
+    held_to = EXACT
+    chunked = True
+
+    def prepare(self, w: LossWorkload, device) -> Prepared:
+        if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)")
+        options = torch.nn.LinearCrossEntropyOptions() if self.chunked else None
+
+        def call(weight, x: LossInputs):
+            return F.linear_cross_entropy(x.hidden, weight, x.labels, ignore_index=IGNORE_INDEX, options=options)
+
+        how = "options=LinearCrossEntropyOptions() (chunked)" if self.chunked else "options=None (full logits)"
+        return Prepared(call, info={"detail": f"F.linear_cross_entropy(hidden, W, labels, ignore_index=-100, {how})",
+                                    "held_to": self.held_to})
+
+
+class TorchLCEDense(TorchLCE):
+    name = "torch_lce_dense"
+    chunked = False
+
+
 IMPLS = {impl.name: impl for impl in (CocoaLoss(), CocoaLossFiltered(), TorchCompact(), TorchFull(), Liger(),
-                                      CutCrossEntropy(), CutCrossEntropyExact())}
+                                      CutCrossEntropy(), CutCrossEntropyExact(), TorchLCE(), TorchLCEDense())}

@@ -80,6 +80,8 @@ def _table(rows: list[dict], all_rows: list[dict]) -> list[str]:
         extra.append(("mask build ms", "mask_build_ms"))
     if any(r.get("tokens_per_s") is not None for r in rows):
         extra.append(("tokens/s", "tokens_per_s"))
+    if any(r.get("rss_added_mb") is not None for r in rows):
+        extra.append(("RSS added MiB", "rss_added_mb"))
     if any(r.get("held_to") for r in rows):
         extra.append(("held to", "held_to"))  # which of our rows the ratios compare with
     head = ["workload", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "TFLOP/s fwd", "TFLOP/s bwd"]
@@ -131,8 +133,9 @@ def markdown(data: dict, plot_name: str | None = None, plot_note: str | None = N
     info = data.get("device_info") or {}
     if config.get("cpu") and info.get("cores"):
         load = config.get("load_average_start")
-        out += ["", f"CPU: {info.get('model') or info.get('processor')}, {info['cores']} cores; rows `_t1`/`_t2` "
-                "ran with 1/2 torch threads"
+        threads = ("; rows `_t1`/`_t2` ran with 1/2 torch threads"
+                   if any(r["workload"].endswith(("_t1", "_t2")) for r in rows) else "")
+        out += ["", f"CPU: {info.get('model') or info.get('processor')}, {info['cores']} cores{threads}"
                 + (f"; load average {load[0]} when the run started (other processes share the cores)" if load else "")
                 + "."]
     if config.get("smoke"):

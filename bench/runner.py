@@ -19,7 +19,9 @@ from .schema import ResultsFile, add_note, new_row
 from .timing import SMOKE, Policy, free_memory
 
 SECTIONS = ("attention", "loss", "sweep", "e2e")  # a plain run (GPU) or --smoke
-CPU_SECTIONS = ("cpu",)  # python -m bench --cpu: our PyTorch attention path vs SDPA (bench/cpu_attention.py)
+# python -m bench --cpu: our PyTorch attention path vs SDPA (bench/cpu_attention.py), our CPU loss
+# vs torch's F.linear_cross_entropy and plain PyTorch, one process per row (bench/cpu_loss.py)
+CPU_SECTIONS = ("cpu", "cpu_loss")
 REL_ERR_WARN = 2e-2  # bf16 outputs of two correct implementations differ by ~1e-3
 
 
@@ -257,6 +259,10 @@ def run(opts: RunOptions, results: ResultsFile, budget: Budget, log=print) -> No
                 from .cpu_attention import run_cpu_attention
 
                 run_cpu_attention(opts, results, budget, section)
+            elif section == "cpu_loss":
+                from .cpu_loss import run_cpu_loss
+
+                run_cpu_loss(opts, results, budget, section)
             elif section == "loss":
                 run_loss(opts, results, budget)
             else:

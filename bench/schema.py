@@ -43,6 +43,9 @@ EXTRA_KEYS = {
     "threads": "CPU rows: torch.set_num_threads while measured",
     "fwd_cpu_ms": "CPU rows: median process CPU time of the forward (load-independent with one thread)",
     "fwdbwd_cpu_ms": "CPU rows: median process CPU time of forward + backward",
+    "best_ms": "CPU loss rows: the fastest timed forward + backward",
+    "rss_added_mb": "CPU loss rows: peak RSS minus the process's peak before the first call (after imports "
+    "and inputs): the memory the loss itself needed",
 }
 
 

@@ -21,7 +21,7 @@ def cpu_results(tmp_path_factory):
     from bench.__main__ import main
 
     out = tmp_path_factory.mktemp("bench_cpu")
-    assert main(["--cpu", "--smoke", "--out", str(out), "--name", "cpu.json"]) == 0
+    assert main(["--cpu", "--smoke", "--only", "cpu", "--out", str(out), "--name", "cpu.json"]) == 0
     return out / "cpu.json", json.loads((out / "cpu.json").read_text())
 
 
@@ -87,3 +87,28 @@ def test_render_into_a_document_replaces_only_between_its_markers(cpu_results, t
     doc.write_text("no markers here\n")
     with pytest.raises(SystemExit, match="needs one <!-- bench:cpu.json -->"):
         render.main([str(path), "--out-dir", str(tmp_path), "--no-plot", "--into", str(doc)])
+
+
+def test_cpu_loss_rows_run_each_implementation_in_its_own_process(tmp_path):
+    """``--only cpu_loss``: ours, torch's F.linear_cross_entropy (chunked and dense) and plain
+    PyTorch at the demo's loss shape, each with its time, its process's peak RSS and what the
+    loss added to it, the same loss value, and torch's rows marked unavailable on an older torch."""
+    import torch
+
+    from bench.__main__ import main
+    from bench.cpu_loss import IMPLS
+
+    assert main(["--cpu", "--smoke", "--only", "cpu_loss", "--out", str(tmp_path), "--name", "loss.json"]) == 0
+    data = json.loads((tmp_path / "loss.json").read_text())
+    assert schema.validate(data) == []
+    rows = {r["impl"]: r for r in data["rows"] if r["workload"] == "lce_demo_fp32"}
+    assert set(rows) == set(IMPLS) and rows["cocoa"]["ours"]
+    has_torch_lce = hasattr(torch.nn, "LinearCrossEntropyOptions")
+    for name, row in rows.items():
+        if name.startswith("torch_lce") and not has_torch_lce:
+            assert row["fwdbwd_ms"] is None and "no F.linear_cross_entropy" in row["note"], row
+            continue
+        assert row["fwdbwd_ms"] > 0 and row["peak_mem_mb"] > 0 and row["rss_added_mb"] >= 0, row
+        assert "process's peak RSS" in row["note"], row
+        if name != "cocoa":
+            assert row["rel_err_vs_ours"] < 1e-5, row  # fp32, the same inputs: the same loss

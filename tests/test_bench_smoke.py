@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is not an installed package
@@ -23,11 +24,14 @@ ATTENTION_IMPLS = ("cocoa", "flex_attention", "sdpa", "flash_attn")
 # Ours with one setting changed: rows on the main attention workloads (a note on the CPU: they
 # need CUDA), none in the sweep.
 ATTENTION_VARIANTS = ("cocoa_nondeterministic", "cocoa_pointer_fwd", "cocoa_tma_ws", "cocoa_autotuned")
-LOSS_IMPLS = ("cocoa", "cocoa_filtered", "torch_compact", "torch_full", "liger", "cut_cross_entropy", "cut_cross_entropy_exact")
+LOSS_IMPLS = ("cocoa", "cocoa_filtered", "torch_compact", "torch_full", "liger", "cut_cross_entropy", "cut_cross_entropy_exact",
+              "torch_lce", "torch_lce_dense")
 E2E_IMPLS = ("cocoa_triton", "sdpa", "flex_attention", "cocoa_triton+lce")
 # Implementations that must produce figures on any CPU (the others may be absent or need CUDA).
 MEASURED_ON_CPU = {("attention", "cocoa"), ("attention", "sdpa"), ("loss", "cocoa"), ("loss", "cocoa_filtered"), ("loss", "torch_compact"),
                    ("loss", "torch_full"), ("e2e", "cocoa_triton"), ("e2e", "sdpa")}
+if hasattr(torch.nn, "LinearCrossEntropyOptions"):  # torch >= 2.13: its own fused loss is a peer everywhere
+    MEASURED_ON_CPU |= {("loss", "torch_lce"), ("loss", "torch_lce_dense")}
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import torch
 
-# Logits held at once: chunk_rows * V elements (~128 MiB in float32).
-_CHUNK_ELEMENTS = 1 << 25
+# Logits held at once: chunk_rows * V elements (~8 MiB in float32). The backward turns them into
+# their gradient in place and accumulates d_weight in place, so this one buffer (plus the outputs)
+# is the path's working memory: at issue 25's shape its peak is 0.94x torch's chunked
+# F.linear_cross_entropy's (bench/results/2026-12-08-cpu-loss.json); 2^22 was 0.995x and 1.01x in
+# two earlier runs, within the noise.
+_CHUNK_ELEMENTS = 1 << 21
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,14 +68,14 @@ def lce_backward(d_loss, hidden, weight, bias, targets, lse, ignore_index: int, 
     d_weight = torch.zeros(V if want_w else 0, H, dtype=dtype, device=hidden.device)
     d_bias = torch.zeros(V if want_b else 0, dtype=dtype, device=hidden.device)
     for rows in _row_chunks(targets, ignore_index, V):
-        z = _logits(hidden, w, b, rows, dtype)
-        dz = torch.exp(z - lse[rows].to(dtype)[:, None])
-        dz[torch.arange(rows.numel(), device=z.device), targets[rows].long()] -= 1
-        dz *= d_loss[rows].to(dtype)[:, None]
+        dz = _logits(hidden, w, b, rows, dtype)  # the logits, turned into their gradient in place
+        dz.sub_(lse[rows].to(dtype)[:, None]).exp_()
+        dz[torch.arange(rows.numel(), device=dz.device), targets[rows].long()] -= 1
+        dz.mul_(d_loss[rows].to(dtype)[:, None])
         if want_h:
             d_hidden[rows] = dz @ w
         if want_w:
-            d_weight += dz.T @ hidden.index_select(0, rows).to(dtype)
+            d_weight.addmm_(dz.T, hidden.index_select(0, rows).to(dtype))
         if want_b:
             d_bias += dz.sum(0)
     d_hidden = d_hidden.to(hidden.dtype) if want_h else hidden.new_empty(0)
