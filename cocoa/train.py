@@ -21,6 +21,8 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import has_length, rotate_checkpoints
 
+from cocoa_kernels.mask import EOS_SEES
+
 from . import checkpoints
 from .data.collators import Stage0Collator, Stage1Collator, Stage2Collator, Stage3Collator
 from .data.encoding import InputEncoder
@@ -47,6 +49,9 @@ class StageConfig:
     image_mask_rate: float = 0.5
     target_mask_rate: float = 0.7
     target_mask_unit: str = "word"  # stage 2: mask whole words of block B ("word") or single tokens ("token")
+    # stage 2: what the bridge row sees: "block_a" (B learns A through the EOS alone) or "all" (the
+    # whole sample, as the authors' code masks it); KeyRanges.eos_bridge(eos_sees=...)
+    eos_sees: str = "block_a"
     instruction: str | None = None
     lora: dict | None = None  # e.g. {"r": 16, "alpha": 32}: adapters (peft), merged at the end of the stage
     seed: int = 0
@@ -77,6 +82,8 @@ class StageConfig:
                              f"got {self.on_bad_sample!r}")
         if self.target_mask_unit not in ("word", "token"):
             raise ValueError(f"target_mask_unit must be 'word' or 'token', got {self.target_mask_unit!r}")
+        if self.eos_sees not in EOS_SEES:
+            raise ValueError(f"eos_sees must be one of {', '.join(EOS_SEES)}, got {self.eos_sees!r}")
         if self.loss is None or isinstance(self.loss, dict):
             self.loss = CocoaLossConfig(**{"shift": default_shift(self.stage), **(self.loss or {})})
         elif not isinstance(self.loss, CocoaLossConfig):
@@ -126,7 +133,7 @@ def make_collator(cfg: StageConfig, encoder: InputEncoder):
                               shift=cfg.loss.shift, pack_budget=cfg.pack_budget)
     if cfg.stage == 2:
         return Stage2Collator(encoder, target_mask_rate=cfg.target_mask_rate, target_mask_unit=cfg.target_mask_unit,
-                              pack_budget=cfg.pack_budget)
+                              pack_budget=cfg.pack_budget, eos_sees=cfg.eos_sees)
     return Stage3Collator(encoder, instruction=cfg.instruction)
 
 

@@ -16,6 +16,7 @@ import torch
 __all__ = ["KeyRanges", "key_tile_bounds", "query_tile_bounds", "refuse", "tile_loop_iterations"]
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+EOS_SEES = ("block_a", "all")  # what the bridge row of KeyRanges.eos_bridge sees
 
 
 def _check_int_matrix(name: str, t, batch_shape=None) -> torch.Tensor:
@@ -104,15 +105,19 @@ class KeyRanges:
         return cls(torch.where(pad, zero, start), torch.where(pad, zero, end), causal=causal)
 
     @classmethod
-    def eos_bridge(cls, segment_ids: torch.Tensor, is_target: torch.Tensor) -> "KeyRanges":
+    def eos_bridge(cls, segment_ids: torch.Tensor, is_target: torch.Tensor, eos_sees: str = "block_a") -> "KeyRanges":
         """The EOS-bridge mask of CoCoA stage 2.
 
         Each segment is block A (its leading tokens, the last of which is the bridge ``<EOS>``)
         followed by block B (the tokens where ``is_target`` is True). A attends bidirectionally
-        inside A; B attends to itself and to the EOS of A, nothing else of A. Block B may be
+        inside A; B attends to itself and to the EOS of A, nothing else of A. The bridge row itself
+        sees block A (``eos_sees="block_a"``: B learns A through the EOS alone) or the whole
+        segment (``eos_sees="all"``: A, itself and B, as the authors' code masks it). Block B may be
         empty; block A must hold at least one token.
         """
         _check_int_matrix("segment_ids", segment_ids)
+        if eos_sees not in EOS_SEES:
+            raise ValueError(f"eos_sees must be one of {EOS_SEES}, got {eos_sees!r}")
         if not isinstance(is_target, torch.Tensor) or is_target.dtype != torch.bool:
             raise TypeError("is_target must be a bool tensor")
         if tuple(is_target.shape) != tuple(segment_ids.shape):
@@ -146,6 +151,8 @@ class KeyRanges:
         a_end = torch.where(is_target, first_b, a_end)
         lo = torch.where(is_target, a_end - 1, start)
         hi = torch.where(is_target, end, a_end)
+        if eos_sees == "all":  # the bridge (block A's last token) sees its whole segment
+            hi = torch.where(~is_target & (pos == a_end - 1), end, hi)
         zero = torch.zeros_like(lo)
         return cls(torch.where(pad, zero, lo), torch.where(pad, zero, hi), causal=False)
 

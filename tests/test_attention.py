@@ -133,6 +133,30 @@ def test_all_padding_batch(impl):
         assert torch.all(t == 0)
 
 
+@pytest.mark.parametrize("impl", IMPLS + ("reference",))
+def test_eos_bridge_whose_bridge_row_sees_the_whole_sample(impl, monkeypatch):
+    """``eos_sees="all"`` (the authors' mask: the EOS row also sees block B) in every
+    implementation, against the float64 truth of its dense form; the bridge rows' outputs differ
+    from the default mask's, so the option reaches the kernels."""
+    from attention_cases import bridge_targets, packed_segments
+    from cocoa_kernels.attention import op
+
+    if impl == "reference":
+        monkeypatch.setattr(op, "_torch_impl", lambda q: reference)
+    gen = torch.Generator().manual_seed(29)
+    seg = torch.stack([packed_segments(75, gen, pad=p, max_len=60) for p in (0, 9)])
+    target = torch.stack([bridge_targets(seg[b], gen) for b in range(2)])
+    mask = KeyRanges.eos_bridge(seg, target, eos_sees="all").to(DEVICE)
+    default = KeyRanges.eos_bridge(seg, target).to(DEVICE)
+    q, k, v, do = make_qkv(2, 4, 2, 75, 64, torch.float32, DEVICE, seed=29)
+    run = "torch" if impl == "reference" else impl
+    got = check_against_truth(run, q, k, v, do, mask)
+    bridge_rows = (mask.hi != default.hi).any(0)
+    assert bridge_rows.any()
+    base = attention(q, k, v, default, impl=run)
+    assert not torch.allclose(got[0][:, :, bridge_rows], base[:, :, bridge_rows])
+
+
 def test_backward_is_deterministic():
     mask = make_mask("eos_bridge", 2, 70, seed=11).to(DEVICE)
     q, k, v, do = make_qkv(2, 4, 1, 70, 64, torch.bfloat16, DEVICE, seed=11)

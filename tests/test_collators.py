@@ -188,6 +188,31 @@ def test_stage2_mask_unit_is_checked():
         Stage2Collator(ENC, target_mask_unit="char")
 
 
+def test_stage2_bridge_row_sees_the_whole_sample_with_eos_sees_all():
+    """``eos_sees="all"`` (StageConfig.eos_sees, the authors' mask): the EOS row sees block A,
+    itself and block B; every other row sees what the default gives it."""
+    from cocoa.train import StageConfig, make_collator
+
+    samples = [Sample(text="abcdef", target="xyz"), Sample(text="pq", target="rstu")]
+    default = make_collator(StageConfig(stage=2, target_mask_unit="token"), ENC)
+    ours = make_collator(StageConfig(stage=2, target_mask_unit="token", eos_sees="all"), ENC)
+    torch.manual_seed(0)
+    a = default(samples)
+    torch.manual_seed(0)
+    b = ours(samples)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    dense_a, dense_b = a["key_ranges"].to_dense(), b["key_ranges"].to_dense()
+    eos_rows = a["input_ids"] == EOS
+    assert eos_rows.sum() == 2
+    for r, i in eos_rows.nonzero().tolist():
+        sample = dense_b[r, i].nonzero().flatten().tolist()
+        assert sample == list(range(sample[0], sample[-1] + 1)) and len(sample) == (10 if r == 0 and i == 6 else 7)
+        assert not torch.equal(dense_a[r, i], dense_b[r, i])
+    assert torch.equal(dense_a[~eos_rows], dense_b[~eos_rows])
+    with pytest.raises(ValueError, match="eos_sees must be one of block_a, all"):
+        StageConfig(stage=2, eos_sees="everything")
+
+
 # ---------------------------------------------------------------- per-stage loss settings
 def test_stage_loss_shift_defaults_and_explicit_settings():
     from cocoa.model import CocoaLossConfig

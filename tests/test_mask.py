@@ -35,25 +35,36 @@ def test_left_padding_and_length_one_segments():
     assert m.hi.tolist() == [[0, 0, 3, 5, 5]]
 
 
-def test_eos_bridge_rule():
+@pytest.mark.parametrize("eos_sees", ["block_a", "all"])
+def test_eos_bridge_rule(eos_sees):
     # segment 0: A = [0, 1, 2] (EOS at 2), B = [3, 4]; segment 1: A = [5] only (EOS), B = [6, 7];
     # segment 2: A = [8, 9], B empty; then padding.
     seg = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 2, 2, -1]])
     tgt = torch.tensor([[0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
-    m = KeyRanges.eos_bridge(seg, tgt)
+    m = KeyRanges.eos_bridge(seg, tgt, eos_sees=eos_sees)
     assert m.lo.tolist() == [[0, 0, 0, 2, 2, 5, 5, 5, 8, 8, 0]]
-    assert m.hi.tolist() == [[3, 3, 3, 5, 5, 6, 8, 8, 10, 10, 0]]
+    if eos_sees == "block_a":
+        assert m.hi.tolist() == [[3, 3, 3, 5, 5, 6, 8, 8, 10, 10, 0]]
+    else:  # each EOS row (2, 5, 9) sees its whole segment
+        assert m.hi.tolist() == [[3, 3, 5, 5, 5, 8, 8, 8, 10, 10, 0]]
     ids, t = seg[0].tolist(), tgt[0].tolist()
     eos = {0: 2, 1: 5, 2: 9}
 
     def sees(i, j):
         if ids[i] < 0 or ids[i] != ids[j]:
             return False
+        if i == eos[ids[i]] and eos_sees == "all":  # the bridge row: the whole sample
+            return True
         if not t[i]:  # block A: A only
             return not t[j]
         return t[j] or j == eos[ids[i]]  # block B: B and the EOS of A
 
     assert torch.equal(m.to_dense()[0], _dense_from_rule(11, sees))
+
+
+def test_eos_sees_must_be_a_known_view():
+    with pytest.raises(ValueError, match=r"eos_sees must be one of \('block_a', 'all'\), got 'b'"):
+        KeyRanges.eos_bridge(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[False, False, True]]), eos_sees="b")
 
 
 def test_from_cu_seqlens():

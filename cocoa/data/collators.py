@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from cocoa_kernels import KeyRanges
+from cocoa_kernels.mask import EOS_SEES
 
 from .encoding import IGNORE, InputEncoder, batch_rows, encoded_embedding_batch, pack_rows
 from .sample import Sample
@@ -137,7 +138,8 @@ class Stage1Collator(_Base):
 
 
 class Stage2Collator(_Base):
-    """EOS-bridged reconstruction: block B sees only itself and block A's ``<EOS>``.
+    """EOS-bridged reconstruction: block B sees only itself and block A's ``<EOS>``; the ``<EOS>``
+    row sees block A (``eos_sees="block_a"``) or the whole sample (``"all"``, the authors' mask).
 
     ``target_mask_unit="word"`` (the default) masks ``round(target_mask_rate * words)`` of block
     B's words, every sub-token of a chosen word together, so a word is never half visible; words
@@ -149,11 +151,13 @@ class Stage2Collator(_Base):
     """
 
     def __init__(self, encoder, *, target_mask_rate=0.7, target_mask_unit="word", mask_token_id=None,
-                 pack_budget=None, seed=None):
+                 pack_budget=None, seed=None, eos_sees="block_a"):
         super().__init__(encoder, seed=seed)
         if target_mask_unit not in ("word", "token"):
             raise ValueError(f"target_mask_unit must be 'word' or 'token', got {target_mask_unit!r}")
-        self.rate, self.unit = target_mask_rate, target_mask_unit
+        if eos_sees not in EOS_SEES:
+            raise ValueError(f"eos_sees must be one of {EOS_SEES}, got {eos_sees!r}")
+        self.rate, self.unit, self.eos_sees = target_mask_rate, target_mask_unit, eos_sees
         self.mask_id = _mask_token(encoder, mask_token_id)
         self.pack_budget = pack_budget
 
@@ -192,7 +196,7 @@ class Stage2Collator(_Base):
         rows = pack_rows(encoded, self.pack_budget)
         batch, seg, extras = batch_rows(self.encoder, encoded, rows, {"labels": labels, "is_target": is_target})
         batch["labels"] = extras["labels"]
-        batch["key_ranges"] = KeyRanges.eos_bridge(seg, extras["is_target"] == 1)
+        batch["key_ranges"] = KeyRanges.eos_bridge(seg, extras["is_target"] == 1, eos_sees=self.eos_sees)
         return batch
 
 
