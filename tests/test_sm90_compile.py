@@ -53,8 +53,8 @@ def _reports(name: str) -> dict:
 
 
 def _report_or_skip(case, arch: str) -> dict:
-    if case.kernel == "attention fwd tma ws" and _ws_unsupported():
-        pytest.skip(_ws_unsupported())  # test_warp_specialised_gate_matches_the_compiler checks the gate
+    if case.kernel == "attention fwd tma ws" and (why := _ws_unsupported()):
+        pytest.skip(why)  # test_warp_specialised_gate_matches_the_compiler checks the gate
     return _reports(case.name)[arch]
 
 
